@@ -77,9 +77,9 @@ def parse_window(spec: str | dict | tuple | None) -> Window | None:
             key = "soft_tissue"
         if key in CT_WINDOWS:
             return Window(key, *CT_WINDOWS[key])
-        if "/" in key:
-            width, level = key.split("/", 1)
-            return _custom_window(width, level)
+        if "/" in spec:  # split the caller's text: the preset key above has "-" turned into "_"
+            width, level = spec.split("/", 1)
+            return _custom_window(width.strip(), level.strip())
         raise EngineInputError(f"unknown CT window {spec!r}; presets: {', '.join(CT_WINDOWS)} or 'W/L'")
     if isinstance(spec, dict):
         return _custom_window(spec.get("width"), spec.get("level"))

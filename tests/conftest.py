@@ -1,0 +1,55 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+# ==== engine fixtures (tests/test_engine_*.py) ==============================================
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_helpers import SAMPLE_DIR, TINY_VIT_SPEC, tiny_sam
+from medsam_engine import Segmenter, load_model
+from medsam_engine.imageio import Volume, read_image
+from medsam_engine.models import SamModel, build_sam_vit
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SAM's state dict saved with torch.save, as a MedSAM checkpoint would be."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_sam_vit.pth"
+    torch.save(tiny_sam().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_model(tiny_vit_checkpoint: Path) -> SamModel:
+    """The tiny checkpoint loaded through the engine's real ViT loading code."""
+    return build_sam_vit(tiny_vit_checkpoint, TINY_VIT_SPEC, name="tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def lite_model() -> SamModel:
+    """The real LiteMedSAM with its bundled weights, on the CPU."""
+    return load_model("medsam-lite", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lite_segmenter(lite_model: SamModel) -> Segmenter:
+    return Segmenter(lite_model)
+
+
+@pytest.fixture(scope="session")
+def sample_volume():
+    """Reader of a sample image and its label: sample_volume("ct_3mm") -> (image, label) Volumes."""
+    loaded: dict[str, tuple[Volume, Volume]] = {}
+
+    def get(name: str) -> tuple[Volume, Volume]:
+        if name not in loaded:
+            loaded[name] = (read_image(SAMPLE_DIR / f"{name}.nii.gz"),
+                            read_image(SAMPLE_DIR / "labels" / "final" / f"{name}.nii.gz"))
+        return loaded[name]
+
+    return get
+# ==== end of engine fixtures =================================================================
