@@ -80,7 +80,7 @@ class Segmenter:
     def __init__(self, model: SamModel, cache: EmbeddingCache | None = None,
                  zoom: ZoomRule | None = ZoomRule()) -> None:
         self.model = model
-        self.cache = cache or EmbeddingCache()
+        self.cache = cache if cache is not None else EmbeddingCache()  # an empty cache is falsy
         self.zoom = zoom
         self._volume_info: dict[str, tuple[str, Normaliser | None]] = {}
         self._info_lock = threading.Lock()
