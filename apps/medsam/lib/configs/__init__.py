@@ -1,0 +1,3 @@
+from .medsam import MedSAM
+
+__all__ = ["MedSAM"]

@@ -1,0 +1,138 @@
+"""The app's POST /infer/{model}, put in place of MONAI Label's own when the server starts.
+
+MONAI Label's route (monailabel/endpoints/infer.py) answers 500 to malformed `params` and to any
+exception a task raises, reads an image id that happens to be an existing path on the server as
+that file, and runs the inference inside an `async` handler, which blocks the event loop. This
+route keeps its interface and its parts (the app's `infer`, sessions, `send_response`) but:
+
+- answers 400 to malformed `params` and to input the task rejects (`EngineInputError`), 404 to
+  an unknown image id, session or task, each with a message saying what is wrong;
+- resolves image ids through the datastore only (an upload or a session is the way to send a file);
+- is a plain function, which FastAPI runs in its thread pool: the server keeps answering.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.background import BackgroundTasks
+from fastapi.routing import APIRoute
+from medsam_engine import EngineInputError
+
+from lib.infers.medsam import MODEL_PARAM
+from monailabel.config import RBAC_USER, settings
+from monailabel.endpoints.infer import ResultType, send_response
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.others.generic import remove_file
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix=f"{settings.MONAI_LABEL_API_STR}/infer", tags=["Infer"])
+
+
+def parse_params(text: str) -> dict[str, Any]:
+    """The form field `params`: a JSON object. Its `model` (the engine model) is renamed, since
+    MONAI Label's request uses `model` for the task; `image` may only come from the query."""
+    try:
+        params = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise HTTPException(status_code=400, detail=f"params is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise HTTPException(status_code=400, detail=f"params must be a JSON object, got {type(params).__name__}")
+    if "image" in params:
+        raise HTTPException(status_code=400, detail="params may not set `image`: pass ?image=<id>, a file or a session")
+    if "model" in params:
+        params[MODEL_PARAM] = params.pop("model")
+    return params
+
+
+def _upload(file: UploadFile, background_tasks: BackgroundTasks) -> str:
+    suffix = "".join(pathlib.Path(file.filename).suffixes) if file.filename else ".nii.gz"
+    fd, path = tempfile.mkstemp(prefix="medsam-upload-", suffix=suffix)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(file.file, out)
+    background_tasks.add_task(remove_file, path)
+    return path
+
+
+def resolve_image(instance: MONAILabelApp, image: str, session_id: str, file: UploadFile | None,
+                  background_tasks: BackgroundTasks) -> str:
+    """The server path of the image to segment: an upload, a session's image, or a datastore id."""
+    if file:
+        return _upload(file, background_tasks)
+    if session_id:
+        session = instance.sessions().get_session(session_id) if instance.sessions() else None
+        if not session:
+            raise HTTPException(status_code=404, detail=f"unknown session {session_id!r} (expired or never created)")
+        return session.image
+    if not image:
+        raise HTTPException(status_code=400, detail="no image: pass ?image=<id>, a file or a session_id")
+    try:
+        path = instance.datastore().get_image_uri(image)
+    except Exception as exc:  # remote datastores raise their client's errors for unknown series
+        logger.info("image %r not found in the datastore: %s", image, exc)
+        path = ""
+    if not path:
+        raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: not in this server's datastore")
+    return path
+
+
+@router.post("/{model}", summary=f"{RBAC_USER}Run Inference for supported model")
+def api_run_inference(
+    background_tasks: BackgroundTasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    output: Optional[ResultType] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    instance: MONAILabelApp = app_instance()
+    request = parse_params(params)
+    request["model"] = model
+    request["image"] = resolve_image(instance, image, session_id, file, background_tasks)
+    logger.info("Infer Request: %s", request)
+    try:
+        result = instance.infer(request)
+    except EngineInputError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    except MONAILabelException as exc:
+        status = 404 if exc.error == MONAILabelError.INVALID_INPUT else 500
+        raise HTTPException(status_code=status, detail=exc.msg) from None
+    return send_response(instance.datastore(), result, output, background_tasks)
+
+
+def install(app: FastAPI | None = None) -> bool:
+    """Put this route in place of MONAI Label's POST /infer/{model} in the running server's app.
+
+    Routes are looked up per request, so swapping one after start-up takes effect at once.
+    Returns False when no MONAI Label server app is loaded (e.g. the CLI or a train subprocess).
+    """
+    if app is None:
+        module = sys.modules.get("monailabel.app")
+        if module is None:
+            return False
+        app = module.app
+    ours = router.routes[0]
+    routes = app.router.routes
+    for i, route in enumerate(routes):
+        if isinstance(route, APIRoute) and route.path == ours.path and "POST" in route.methods:
+            routes[i] = ours
+            break
+    else:
+        routes.insert(0, ours)
+    app.openapi_schema = None
+    logger.info("MedSAM app: POST %s served by %s", ours.path, __name__)
+    return True

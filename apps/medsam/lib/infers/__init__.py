@@ -1,0 +1,3 @@
+from .medsam import MedSAMInfer
+
+__all__ = ["MedSAMInfer"]
