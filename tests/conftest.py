@@ -53,3 +53,27 @@ def sample_volume():
 
     return get
 # ==== end of engine fixtures =================================================================
+
+
+# ==== app fixtures (tests/test_app_*.py) =====================================================
+from app_helpers import start_test_server  # noqa: E402
+from medsam_http.server import LabelServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> LabelServer:
+    """A real `monailabel start_server --app apps/medsam` on a free loopback port, on a copy of the
+    sample data; stopped after the session. A failing test that used it gets the server log."""
+    srv = start_test_server(tmp_path_factory.mktemp("app-server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    srv = getattr(item, "funcargs", {}).get("server")
+    if report.failed and isinstance(srv, LabelServer):
+        report.sections.append(("MONAI Label server log (tail)", srv.log_tail()))
+# ==== end of app fixtures ====================================================================

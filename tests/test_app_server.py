@@ -1,0 +1,94 @@
+"""The medsam app's server behaviour: /info, OHIF's page, 4xx errors that leave it serving, caching."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from app_helpers import SAMPLE_DIR, bbox, infer_json, organ_mask, wait_for_background
+
+LIVER_24 = bbox(organ_mask("ct_3mm", "liver")[24])
+GOOD = {"boxes": [[*LIVER_24, 24]]}
+
+
+def test_info_describes_model_labels_and_config(server):
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    task = info["models"]["medsam"]
+    assert task["type"] == "deepgrow" and task["dimension"] == 3
+    assert "liver" in task["labels"] and "liver" in info["labels"]
+    models = task["medsam"]["models"]
+    assert models["default"] == "medsam-lite"
+    assert models["loaded"]["medsam-lite"]["version"].startswith("medsam-lite@")
+    assert info["medsam"]["model"] == "medsam-lite" and info["medsam"]["prefetch_slices"] == 3
+    assert info["datastore"]["total"] == 3
+
+
+def test_ohif_page_is_served(server):
+    response = requests.get(f"{server.url}/ohif/", timeout=30)
+    assert response.status_code == 200
+    assert "text/html" in response.headers["content-type"]
+    assert "OHIF Viewer" in response.text
+
+
+BAD_REQUESTS = [
+    ("unknown image id", "no_such_image", GOOD, 404, "unknown image id"),
+    ("server path as image id", str(SAMPLE_DIR / "ct_3mm.nii.gz"), GOOD, 404, "unknown image id"),
+    ("system file as image id", "/etc/hostname", GOOD, 404, "unknown image id"),
+    ("box outside the image", "ct_3mm", {"roi": [500, 600, 10, 20, 3, 3]}, 400, "outside"),
+    ("zero-area box", "ct_3mm", {"roi": [10, 10, 20, 30, 3, 3]}, 400, "zero area"),
+    ("single click", "ct_3mm", {"foreground": [[50, 50, 3]], "background": []}, 400, "single click"),
+    ("malformed JSON", "ct_3mm", '{"roi": [1, 2', 400, "not valid JSON"),
+    ("params not an object", "ct_3mm", "[1, 2]", 400, "JSON object"),
+    ("slice out of range", "ct_3mm", {"boxes": [[*LIVER_24, 99]]}, 400, "out of range"),
+    ("non-numeric roi", "ct_3mm", {"roi": ["a", 1, 2, 3, 4, 4]}, 400, "numbers"),
+    ("no prompt", "ct_3mm", {"foreground": [], "background": []}, 400, "no box"),
+    ("unknown engine model", "ct_3mm", {**GOOD, "model": "sam-xl"}, 400, "unknown model"),
+    ("unreadable result format", "ct_3mm", {**GOOD, "result_extension": ".png"}, 400, "result_extension"),
+    ("image path smuggled in params", "ct_3mm", {**GOOD, "image": "/etc/hostname"}, 400, "image"),
+]
+
+
+@pytest.mark.parametrize("image,params,status,message", [r[1:] for r in BAD_REQUESTS],
+                         ids=[r[0] for r in BAD_REQUESTS])
+def test_bad_request_gets_4xx_and_server_keeps_serving(server, image, params, status, message):
+    response = infer_json(server.url, image, params)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+    assert server.alive()
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+
+
+def test_unknown_task_gets_404(server):
+    response = infer_json(server.url, "ct_3mm", GOOD, model="deepedit")
+    assert response.status_code == 404 and "deepedit" in response.json()["detail"]
+
+
+def test_good_request_after_bad_ones(server):
+    response = infer_json(server.url, "ct_3mm", GOOD)
+    assert response.status_code == 200, response.text
+    assert response.json()["volume_ml"] > 0
+
+
+def test_same_request_twice_hits_the_cache(server):
+    liver = organ_mask("ct_512", "liver")
+    params = {"boxes": [[*bbox(liver[10]), 10]]}
+    first = infer_json(server.url, "ct_512", params).json()
+    second = infer_json(server.url, "ct_512", params).json()
+    assert first["cache"]["image_was_open"] is False and first["cache"]["misses"] >= 1
+    assert first["latency_ms"]["encode"] > 0
+    assert second["cache"]["image_was_open"] is True
+    assert second["cache"]["hits"] >= 1 and second["cache"]["misses"] == 0
+    assert second["latency_ms"]["encode"] == 0
+    assert second["objects"] == first["objects"]
+
+
+def test_background_encoding_prepares_neighbouring_slices(server):
+    """After the first box on an image, the next slices are encoded in the background: the first
+    box on one of them finds its embedding in the cache."""
+    liver = organ_mask("mr_3mm", "liver")
+    first = infer_json(server.url, "mr_3mm", {"boxes": [[*bbox(liver[10]), 10]]}).json()
+    assert first["cache"]["misses"] >= 1
+    status = wait_for_background(server.url, "mr_3mm")
+    assert status["planned"] == 3
+    nxt = infer_json(server.url, "mr_3mm", {"boxes": [[*bbox(liver[11]), 11]]}).json()
+    assert nxt["cache"]["hits"] >= 1 and nxt["cache"]["misses"] == 0 and nxt["latency_ms"]["encode"] == 0
