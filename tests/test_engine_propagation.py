@@ -1,0 +1,178 @@
+"""3D from 2D on synthetic volumes whose answer is known: box propagation and key-slice boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine_helpers import dice, make_volume
+from medsam_engine import Box3DPrompt, KeySlicesPrompt, Segmenter
+from medsam_engine.geometry import Box, mask_box
+from medsam_engine.propagation import interpolate_boxes, propagate
+
+
+def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, float, float],
+              radii: tuple[float, float, float]) -> np.ndarray:
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 <= 1
+
+
+class ThresholdSegmenter:
+    """A deterministic slice segmenter: everything bright inside the box (ends inclusive)."""
+
+    def __init__(self, volume: np.ndarray) -> None:
+        self.volume = volume
+        self.calls: list[tuple[int, Box]] = []
+
+    def __call__(self, k: int, box: Box) -> tuple[np.ndarray, float]:
+        self.calls.append((k, box))
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        mask = np.zeros(self.volume.shape[1:], dtype=bool)
+        mask[y0:y1 + 1, x0:x1 + 1] = self.volume[k, y0:y1 + 1, x0:x1 + 1] > 0.5
+        return mask, 0.9
+
+
+# Slices 4..16 hold the ellipsoid; slices 1 and 19-20 hold other bright things inside the same box,
+# reachable only if propagation walks on past an empty slice.
+TRUTH = ellipsoid((21, 64, 64), centre=(10, 30, 34), radii=(6.5, 12, 16))
+VOLUME = TRUTH.astype(np.float32)
+VOLUME[1, 25:35, 30:40] = 1.0
+VOLUME[19:21, 28:32, 30:36] = 1.0
+BOX = (10.0, 10.0, 55.0, 50.0)
+
+
+def test_ellipsoid_slices_as_expected() -> None:
+    assert np.flatnonzero(TRUTH.any(axis=(1, 2))).tolist() == list(range(4, 17))
+
+
+def test_propagation_recovers_the_ellipsoid_and_stops_at_empty_slices() -> None:
+    segment = ThresholdSegmenter(VOLUME)
+    masks, ious = propagate(segment, BOX, 0, 20)
+    assert segment.calls[0] == (10, BOX)  # the middle slice, with the given box
+    assert sorted(masks) == list(range(3, 18))  # one empty slice on each side ends the walk
+    assert sorted(ious) == sorted(masks) and set(ious.values()) == {0.9}
+    assert not masks[3].any() and not masks[17].any()
+    for k in range(4, 17):
+        np.testing.assert_array_equal(masks[k], TRUTH[k], err_msg=f"slice {k}")
+    assert [k for k, _ in segment.calls].count(19) == 0 and 1 not in masks  # the distractors are never reached
+
+
+def test_propagation_boxes_follow_the_previous_mask_inside_the_given_box() -> None:
+    segment = ThresholdSegmenter(VOLUME)
+    propagate(segment, BOX, 0, 20)
+    margin = max(2.0, 0.1 * max(BOX[2] - BOX[0], BOX[3] - BOX[1]))
+    boxes = dict(segment.calls)
+    for k, box in boxes.items():
+        assert BOX[0] <= box[0] <= box[2] <= BOX[2] and BOX[1] <= box[1] <= box[3] <= BOX[3], (k, box)
+    for k in range(11, 18):  # upwards: each box is the slice below's mask box grown by the margin
+        x0, y0, x1, y1 = mask_box(TRUTH[k - 1])
+        expected = (max(x0 - margin, BOX[0]), max(y0 - margin, BOX[1]), min(x1 + margin, BOX[2]), min(y1 + margin, BOX[3]))
+        assert boxes[k] == pytest.approx(expected)
+    x0, y0, x1, y1 = mask_box(TRUTH[5])
+    assert boxes[4] == pytest.approx((x0 - margin, y0 - margin, x1 + margin, y1 + margin))
+
+
+def test_propagation_stays_in_the_slice_range() -> None:
+    segment = ThresholdSegmenter(VOLUME)
+    masks, _ = propagate(segment, BOX, 8, 13)
+    assert sorted(masks) == list(range(8, 14))
+    assert segment.calls[0][0] == 10
+    for k in range(8, 14):
+        np.testing.assert_array_equal(masks[k], TRUTH[k])
+
+
+def test_propagation_with_an_empty_middle_slice_segments_only_it() -> None:
+    segment = ThresholdSegmenter(VOLUME)
+    masks, _ = propagate(segment, BOX, 17, 19)  # middle 18 is empty; 19 holds a distractor
+    assert sorted(masks) == [18] and not masks[18].any()
+    assert [k for k, _ in segment.calls] == [18]
+
+
+def test_propagation_mask_is_bounded_by_the_given_box() -> None:
+    segment = ThresholdSegmenter(VOLUME)
+    small = (20.0, 20.0, 40.0, 35.0)  # cuts through the ellipsoid
+    masks, _ = propagate(segment, small, 0, 20)
+    for k, mask in masks.items():
+        expected = np.zeros_like(mask)
+        expected[20:36, 20:41] = TRUTH[k, 20:36, 20:41]
+        np.testing.assert_array_equal(mask, expected, err_msg=f"slice {k}")
+    assert sorted(masks) == list(range(3, 18))
+
+
+# ---- key slices ----------------------------------------------------------------------------
+def test_interpolate_boxes_between_two_keys() -> None:
+    boxes = interpolate_boxes({2: (0.0, 0.0, 10.0, 10.0), 6: (4.0, 8.0, 14.0, 18.0)})
+    assert sorted(boxes) == [2, 3, 4, 5, 6]
+    assert boxes[2] == (0.0, 0.0, 10.0, 10.0) and boxes[6] == pytest.approx((4.0, 8.0, 14.0, 18.0))
+    assert boxes[3] == pytest.approx((1.0, 2.0, 11.0, 12.0))
+    assert boxes[4] == pytest.approx((2.0, 4.0, 12.0, 14.0))
+
+
+def test_interpolate_boxes_piecewise_over_unsorted_keys() -> None:
+    boxes = interpolate_boxes({9: (20.0, 20.0, 40.0, 40.0), 1: (0.0, 0.0, 10.0, 10.0), 5: (10.0, 0.0, 30.0, 20.0)})
+    assert sorted(boxes) == list(range(1, 10))
+    assert boxes[3] == pytest.approx((5.0, 0.0, 20.0, 15.0))
+    assert boxes[5] == pytest.approx((10.0, 0.0, 30.0, 20.0))
+    assert boxes[7] == pytest.approx((15.0, 10.0, 35.0, 30.0))
+    assert boxes[9] == pytest.approx((20.0, 20.0, 40.0, 40.0))
+
+
+def test_interpolate_boxes_single_and_adjacent_keys() -> None:
+    assert interpolate_boxes({4: (1.0, 2.0, 3.0, 4.0)}) == {4: (1.0, 2.0, 3.0, 4.0)}
+    boxes = interpolate_boxes({3: (0.0, 0.0, 5.0, 5.0), 4: (1.0, 1.0, 6.0, 6.0)})
+    assert sorted(boxes) == [3, 4] and boxes[4] == pytest.approx((1.0, 1.0, 6.0, 6.0))
+
+
+# ---- the real LiteMedSAM on a synthetic volume ------------------------------------------------
+# A bright ellipsoid in Gaussian noise, 12 slices of 96 x 96; it fills slices 1..10.
+SYNTH_TRUTH = ellipsoid((12, 96, 96), centre=(5.5, 48, 46), radii=(5.0, 22.0, 28.0))
+SYNTH_SPACING = (2.0, 1.0, 1.0)
+# Measured: DSC 0.92 over the volume (the model also finds a faint mask on the empty end slices
+# 0 and 11, and over-segments the small end caps 1 and 10 at DSC ~0.8); 0.99+ on slices 2..9.
+SYNTH_DSC_FLOOR = 0.85
+SYNTH_INNER_DSC_FLOOR = 0.95
+
+
+@pytest.fixture(scope="module")
+def synthetic(lite_model):
+    rng = np.random.default_rng(0)
+    array = rng.normal(100, 20, SYNTH_TRUTH.shape).astype(np.float32)
+    array[SYNTH_TRUTH] += 200
+    volume = make_volume(array, "synthetic-ellipsoid-12x96x96", spacing=SYNTH_SPACING)
+    segmenter = Segmenter(lite_model)
+    x0, y0, x1, y1 = mask_box(SYNTH_TRUTH.any(axis=0))
+    result = segmenter.segment(volume, [Box3DPrompt(box=[x0 - 2, y0 - 2, x1 + 2, y1 + 2], first=0, last=11, label=3)],
+                               modality="MR")
+    return segmenter, volume, result
+
+
+def test_lite_box3d_propagation_recovers_the_ellipsoid(synthetic) -> None:
+    _, volume, result = synthetic
+    assert result.label.shape == SYNTH_TRUTH.shape and set(np.unique(result.label)) <= {0, 3}
+    assert dice(result.label == 3, SYNTH_TRUTH) >= SYNTH_DSC_FLOOR
+    for k in range(2, 10):
+        assert dice(result.label[k] == 3, SYNTH_TRUTH[k]) >= SYNTH_INNER_DSC_FLOOR, f"slice {k}"
+    obj = result.objects[0]
+    assert obj.label == 3 and obj.slices[0] <= 1 and obj.slices[-1] >= 10  # the walk reached both ends
+    assert obj.preprocessing.startswith("clip:") and result.modality == "MR"
+    assert (result.cache_misses, result.cache_hits) == (len(obj.slices), 0)  # one encode per slice
+
+
+def test_lite_box3d_volume_in_ml(synthetic) -> None:
+    _, volume, result = synthetic
+    obj = result.objects[0]
+    voxel_ml = np.prod(SYNTH_SPACING) / 1000
+    assert obj.voxels == int(np.count_nonzero(result.label == 3))
+    assert obj.volume_ml == pytest.approx(obj.voxels * voxel_ml) and result.volume_ml == pytest.approx(obj.volume_ml)
+    truth_ml = SYNTH_TRUTH.sum() * voxel_ml  # ~25.8 mL
+    assert 0.8 * truth_ml <= obj.volume_ml <= 1.3 * truth_ml
+
+
+def test_lite_key_slices_reuse_embeddings_and_recover_the_ellipsoid(synthetic) -> None:
+    segmenter, volume, _ = synthetic
+    keys = {k: mask_box(SYNTH_TRUTH[k]) for k in (2, 5, 9)}
+    result = segmenter.segment(volume, [KeySlicesPrompt(boxes=keys)], modality="MR")
+    assert result.objects[0].slices == list(range(2, 10))
+    assert (result.cache_misses, result.cache_hits) == (0, 8)  # every slice was encoded by the 3D box
+    assert not result.label[:2].any() and not result.label[10:].any()
+    assert dice(result.label[2:10] == 1, SYNTH_TRUTH[2:10]) >= SYNTH_INNER_DSC_FLOOR
