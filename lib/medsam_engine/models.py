@@ -32,21 +32,45 @@ class InputGeometry:
     letterbox: bool
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 matrix kernels run natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class SamModel:
-    """A SAM-style network (image encoder, prompt encoder, mask decoder) with its identity."""
+    """A SAM-style network (image encoder, prompt encoder, mask decoder) with its identity.
+
+    `precision` is the image encoder's: "bf16" (autocast) by default where the hardware has bf16
+    kernels, else "fp32"; the decoder always runs in fp32.
+    """
 
     def __init__(self, name: str, net: nn.Module, geometry: InputGeometry, version: str,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", precision: str | None = None) -> None:
         self.name = name
         self.geometry = geometry
         self.version = version
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+        self.default_precision = "bf16" if bf16_supported(self.device) else "fp32"
+        self.precision = precision or os.environ.get("MEDSAM_PRECISION") or self.default_precision
+        if self.precision not in PRECISIONS:
+            raise ModelLoadError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    @property
+    def cache_id(self) -> str:
+        """Identity of the embeddings this model produces (weights and precision)."""
+        return f"{self.version}:{self.precision}"
 
     @torch.inference_mode()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image (1, 3, S, S) in [0, 1] -> embedding (1, C, h, w)."""
-        return self.net.image_encoder(image.to(self.device, torch.float32))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.net.image_encoder(image.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor,
@@ -58,7 +82,7 @@ class SamModel:
             points = (points[0].to(self.device, torch.float32), points[1].to(self.device, torch.int64))
         sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=None)
         logits, iou = self.net.mask_decoder(
-            image_embeddings=embedding.to(self.device),
+            image_embeddings=embedding.to(self.device, torch.float32),
             image_pe=self.net.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,

@@ -141,7 +141,7 @@ class Segmenter:
         """The embedding of slice k (or a crop), from the cache when there."""
         height, width = volume.slice_shape if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
         fit = Fit(height, width, self.model.geometry)
-        key = (volume.key, k, normaliser.id, crop, self.model.version)
+        key = (volume.key, k, normaliser.id, crop, self.model.cache_id)
 
         def compute() -> torch.Tensor:
             start = time.perf_counter()
@@ -157,7 +157,7 @@ class Segmenter:
         return value
 
     def is_cached(self, volume: Volume, k: int, normaliser: Normaliser) -> bool:
-        return (volume.key, k, normaliser.id, None, self.model.version) in self.cache
+        return (volume.key, k, normaliser.id, None, self.model.cache_id) in self.cache
 
     # ---- decoding ------------------------------------------------------------------------
     def segment_boxes(self, volume: Volume, k: int, boxes: Sequence[Box], normaliser: Normaliser,

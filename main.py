@@ -1,0 +1,89 @@
+"""MedSAM for MONAI Label: the project's entry point (it only wires commands to the modules).
+
+    python main.py eval DATASTORE --out DIR [--mode 2d|3d] [--jitter PX] [--model NAME]
+    python main.py bench --json FILE [--no-http | --http-only]
+    python main.py serve [--studies PATH_OR_URL] [--host 127.0.0.1] [--port 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE_STUDIES = ROOT / "sample-datasets" / "totalseg"
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="medsam-lite", help="medsam-lite (default) or medsam-vit-b")
+    parser.add_argument("--checkpoint", help="weights file (required for medsam-vit-b, or MEDSAM_CHECKPOINT)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from medsam_engine.evaluate import evaluate
+
+    evaluate(args.datastore, args.out, mode=args.mode, jitter=args.jitter, model=args.model,
+             checkpoint=args.checkpoint, device=args.device, zoom=not args.no_zoom, limit=args.limit)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if not args.http_only:
+        from medsam_engine.bench import run_bench
+
+        run_bench(args.json, datastore=args.datastore, model=args.model, checkpoint=args.checkpoint,
+                  device=args.device, repeats=args.repeats)
+    if not args.no_http:
+        from medsam_http.bench import run_http_bench
+
+        run_http_bench(args.json, datastore=args.datastore, model=args.model, checkpoint=args.checkpoint,
+                       device=args.device, repeats=args.repeats)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "apps" / "medsam"),
+               "--studies", args.studies, "--host", args.host, "--port", str(args.port)]
+    for key, value in args.conf or []:
+        command += ["--conf", key, value]
+    os.execv(sys.executable, command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="MedSAM served as a MONAI Label app")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="DSC/NSD of box-prompted MedSAM vs the filled box on a datastore")
+    p.add_argument("datastore", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--mode", choices=("2d", "3d"), default="2d")
+    p.add_argument("--jitter", type=float, default=0.0, help="move box edges by up to PX pixels (seeded)")
+    p.add_argument("--no-zoom", action="store_true", help="disable crop-and-zoom for small boxes")
+    p.add_argument("--limit", type=int, help="evaluate at most this many images")
+    _model_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="engine latency, then HTTP latency through a real server")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--datastore", type=Path, default=SAMPLE_STUDIES)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--no-http", action="store_true", help="skip the HTTP round trips through a real server")
+    p.add_argument("--http-only", action="store_true", help="only the HTTP round trips (http_* figures)")
+    _model_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="start the MONAI Label server with the medsam app")
+    p.add_argument("--studies", default=str(SAMPLE_STUDIES))
+    p.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1 unless you open it)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app config, e.g. model medsam-vit-b")
+    p.set_defaults(func=cmd_serve)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
