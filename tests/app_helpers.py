@@ -102,3 +102,30 @@ def wait_for_background(url: str, image_path_part: str, timeout: float = 240.0) 
             return status
         time.sleep(1.0)
     raise AssertionError(f"background encoding did not finish in {timeout:.0f} s: {status}")
+
+
+def write_dicom_series(image_path: Path, out_dir: Path, modality: str = "MR") -> list[Path]:
+    """Write a volume as a DICOM series, one file per slice (SimpleITK's series-writing recipe)."""
+    image = sitk.ReadImage(str(image_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series_uid = "1.2.826.0.1.3680043.2.1125.1." + str(abs(hash(str(image_path))) % 10**12)
+    direction = image.GetDirection()
+    orientation = "\\".join(str(v) for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    files = []
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        tags = {
+            "0008|0060": modality, "0020|000e": series_uid, "0020|000d": series_uid + ".0",
+            "0020|0037": orientation, "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0018|0050": str(image.GetSpacing()[2]), "0008|0018": f"{series_uid}.{k + 1}",
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        path = out_dir / f"slice{k:03d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(plane)
+        files.append(path)
+    return files
