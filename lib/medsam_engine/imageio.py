@@ -84,8 +84,37 @@ def read_image(path: str | Path, key: str | None = None) -> Volume:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise EngineInputError(f"cannot read image {path.name}: {str(exc).strip().splitlines()[-1]}") from None
+    if extension_of(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
     stat = path.stat()
     return volume_from_sitk(image, key or f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}")
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise EngineInputError for a truncated NIfTI file.
+
+    Written here because SimpleITK's NIfTI reader fills the voxels missing from a truncated file with
+    zeros instead of failing (its NRRD and MetaImage readers do fail); nibabel reads the header.
+    """
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    data = nib.load(str(path)).dataobj  # reads the header only; the data stays on disk
+    needed = int(data.offset) + data.dtype.itemsize * int(np.prod(data.shape))
+    if path.name.lower().endswith(".gz"):
+        length = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    length += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            raise EngineInputError(f"cannot read image {path.name}: the file is truncated or corrupt") from None
+    else:
+        length = path.stat().st_size
+    if length < needed:
+        raise EngineInputError(f"cannot read image {path.name}: the file is truncated ({length} of {needed} bytes)")
 
 
 def label_image(label: np.ndarray, reference: Volume) -> sitk.Image:

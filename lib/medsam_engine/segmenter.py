@@ -203,8 +203,12 @@ class Segmenter:
         modality = self.modality_of(volume, modality)
         parse_window(window)  # a bad window is an input error even for non-CT images
         tally = _Tally()
-        label_max = max(int(p.label) for p in prompts)
-        if min(int(p.label) for p in prompts) < 1 or label_max > 65535:
+        try:
+            labels = [int(p.label) for p in prompts]
+        except (TypeError, ValueError):
+            raise EngineInputError(f"label values must be integers, got {[p.label for p in prompts]!r}") from None
+        label_max = max(labels)
+        if min(labels) < 1 or label_max > 65535:
             raise EngineInputError("label values must be between 1 and 65535")
         out = np.zeros(volume.array.shape[:3], dtype=np.uint8 if label_max < 256 else np.uint16)
         objects = [self._segment_prompt(volume, p, modality, window, out, tally) for p in prompts]
