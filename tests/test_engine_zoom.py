@@ -1,0 +1,70 @@
+"""Crop-and-zoom for small boxes: what any crop rule must satisfy (large boxes untouched; a crop is
+a square inside the slice that holds the box and really zooms), and that the zoomed mask is pasted
+back at the right place."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine_helpers import dice, make_volume
+from medsam_engine import Segmenter, SlicePrompt
+from medsam_engine.geometry import Fit, mask_box
+from medsam_engine.models import InputGeometry
+from medsam_engine.zoom import ZoomRule
+
+GEOMETRIES = {"letterbox256": InputGeometry(256, letterbox=True), "stretch1024": InputGeometry(1024, letterbox=False)}
+SHAPES = [(512, 512), (101, 122), (91, 117), (300, 640), (30, 40)]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{h}x{w}" for h, w in SHAPES])
+def test_crops_are_squares_inside_the_slice_holding_the_box(geometry: InputGeometry, shape: tuple[int, int]) -> None:
+    rule = ZoomRule()
+    height, width = shape
+    fit = Fit(height, width, geometry)
+    sy, sx = fit.scale
+    rng = np.random.default_rng(height + width)
+    zoomed = 0
+    for _ in range(300):
+        w, h = rng.uniform(1, min(width, height) / 2, 2)
+        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        box = (x0, y0, x0 + w - 1, y0 + h - 1)
+        crop = rule.crop_for(box, fit)
+        if max(w * sx, h * sy) >= rule.max_side:
+            assert crop is None, box  # large boxes use the whole slice
+        if crop is None:
+            continue
+        zoomed += 1
+        cy0, cx0, cy1, cx1 = crop
+        assert all(isinstance(v, int) for v in crop)
+        assert 0 <= cy0 < cy1 <= height and 0 <= cx0 < cx1 <= width, (box, crop)
+        assert cy1 - cy0 == cx1 - cx0, crop
+        assert cx0 <= box[0] and box[2] <= cx1 - 1 and cy0 <= box[1] and box[3] <= cy1 - 1, (box, crop)
+        assert cy1 - cy0 < max(height, width)  # a real zoom
+    if shape == (512, 512) and geometry.letterbox:
+        assert zoomed > 0  # small boxes in a large slice do get zoomed
+
+
+def test_the_zoom_threshold_is_in_model_pixels() -> None:
+    rule = ZoomRule()
+    side = int(rule.max_side)
+    big = Fit(512, 512, GEOMETRIES["letterbox256"])  # 0.5 model px per slice px
+    assert rule.crop_for((100.0, 100.0, 100.0 + 2 * side - 1, 120.0), big) is None
+    assert rule.crop_for((100.0, 100.0, 100.0 + 2 * side - 3, 120.0), big) is not None
+    assert rule.crop_for((100.0, 100.0, 100.0 + side // 2, 120.0), Fit(256, 256, GEOMETRIES["stretch1024"])) is None
+
+
+def test_zoomed_mask_lands_on_a_small_disc(lite_model) -> None:
+    """A 15 px disc in a 512 px slice: zoomed, the mask sits on the disc (measured DSC 0.98; the
+    unzoomed mask at 256 px scored 0.72)."""
+    rng = np.random.default_rng(0)
+    array = rng.normal(100, 15, (1, 512, 512)).astype(np.float32)
+    yy, xx = np.mgrid[:512, :512]
+    disc = (yy - 300) ** 2 + (xx - 140) ** 2 <= 7 ** 2
+    array[0][disc] += 200
+    volume = make_volume(array, "small-disc-512")
+    result = Segmenter(lite_model).segment(volume, [SlicePrompt(mask_box(disc), slice=0)], modality="MR")
+    assert result.objects[0].zoomed_slices == 1
+    assert dice(result.label[0] == 1, disc) >= 0.9
+    np.testing.assert_allclose(mask_box(result.label[0] == 1), mask_box(disc), atol=2)
