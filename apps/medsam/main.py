@@ -39,7 +39,8 @@ class MedSAMApp(MONAILabelApp):
     def info(self) -> Dict[str, Any]:
         meta = super().info()
         meta["medsam"] = {"model": self.medsam.model, "checkpoint": self.medsam.path, "device": self.medsam.device,
-                          "prefetch_slices": self.medsam.prefetch_slices, "cache_mb": self.medsam.cache_bytes >> 20}
+                          "prefetch_slices": self.medsam.prefetch_slices, "cache_mb": self.medsam.cache_bytes >> 20,
+                          "threads": self.medsam.threads}
         return meta
 
     def on_init_complete(self) -> None:
