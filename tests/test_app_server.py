@@ -43,6 +43,8 @@ BAD_REQUESTS = [
     ("non-numeric roi", "ct_3mm", {"roi": ["a", 1, 2, 3, 4, 4]}, 400, "numbers"),
     ("no prompt", "ct_3mm", {"foreground": [], "background": []}, 400, "no box"),
     ("unknown engine model", "ct_3mm", {**GOOD, "model": "sam-xl"}, 400, "unknown model"),
+    ("engine model without weights", "ct_3mm", {**GOOD, "model": "medsam-vit-b"}, 400, "not available"),
+    ("unknown CT window", "ct_3mm", {**GOOD, "window": "liverish"}, 400, "unknown CT window"),
     ("unreadable result format", "ct_3mm", {**GOOD, "result_extension": ".png"}, 400, "result_extension"),
     ("image path smuggled in params", "ct_3mm", {**GOOD, "image": "/etc/hostname"}, 400, "image"),
 ]
