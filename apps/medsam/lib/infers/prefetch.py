@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -14,6 +15,10 @@ from medsam_engine.imageio import Volume
 from medsam_engine.preprocess import Normaliser
 
 logger = logging.getLogger(__name__)
+
+# Nice value of the background encoder: a request's thread gets ~90% of a core it shares with it;
+# not 19, which on a machine busy with other work would leave it almost no CPU at all.
+BACKGROUND_NICE = 10
 
 
 @dataclass
@@ -31,6 +36,15 @@ class _Job:
 
     def encoded(self) -> int:
         return sum(self.segmenter.is_cached(self.volume, k, self.normaliser) for k in self.slices)
+
+
+def _lowest_priority() -> None:
+    """Make the calling thread the CPU's last choice (Linux applies a thread id's nice value to that
+    thread alone), so a request's decode is not slowed by a background encode running beside it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: keep the default priority
+        logger.info("background encoding runs at normal priority")
 
 
 class Prefetcher:
@@ -97,6 +111,7 @@ class Prefetcher:
                 self._cond.wait(wait if self._active == 0 else None)
 
     def _run(self) -> None:
+        _lowest_priority()
         while True:
             job, k = self._next()
             try:
