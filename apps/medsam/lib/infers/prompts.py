@@ -35,7 +35,7 @@ class Translation:
 
 def _numbers(value: Any, what: str, lengths: tuple[int, ...]) -> list[float]:
     """A list of finite numbers with one of the allowed lengths, else an input error."""
-    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+    if not isinstance(value, (list, tuple)):
         raise EngineInputError(f"{what} must be a list of numbers, got {value!r}")
     if len(value) not in lengths:
         raise EngineInputError(f"{what} must have {' or '.join(map(str, lengths))} numbers, got {value!r}")
