@@ -42,7 +42,8 @@ class SegmenterPool:
         return segmenter
 
     def describe(self) -> dict:
-        loaded = {name: {"version": s.model.version, "device": str(s.model.device),
-                         "input_size": s.model.geometry.size} for name, s in self._segmenters.items()}
+        loaded = {name: {"version": s.model.version, "device": str(s.model.device), "input_size": s.model.geometry.size,
+                         "encoder_precision": s.model.precision}
+                  for name, s in self._segmenters.items()}
         return {"default": self.default, "loaded": loaded, "registered": sorted(MODEL_REGISTRY),
                 "cache": {"entries": len(self.cache), "bytes": self.cache.nbytes, "max_bytes": self.cache.max_bytes}}

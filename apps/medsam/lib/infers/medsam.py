@@ -102,7 +102,8 @@ class MedSAMInfer(InferTask):
         name = str(request.get("label") or "medsam")
         return {
             "label_names": {name: LABEL_VALUE},
-            "model": {"name": segmenter.model.name, "version": segmenter.model.version},
+            "model": {"name": segmenter.model.name, "version": segmenter.model.version,
+                      "encoder_precision": segmenter.model.precision},
             "mode": translation.mode,
             "modality": result.modality,
             "volume_ml": round(result.volume_ml, 3),
