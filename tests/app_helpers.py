@@ -29,7 +29,8 @@ def start_test_server(workdir: Path) -> LabelServer:
     """Copy the sample datastore into `workdir` and start the medsam app on it."""
     studies = workdir / "studies"
     shutil.copytree(SAMPLE_DIR, studies)
-    return LabelServer(studies, workdir / "server.log", conf=SERVER_CONF).start()
+    env = {"MONAI_LABEL_SESSION_PATH": str(workdir / "sessions")}
+    return LabelServer(studies, workdir / "server.log", conf=SERVER_CONF, env=env).start()
 
 
 @lru_cache(maxsize=1)

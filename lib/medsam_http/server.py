@@ -30,10 +30,11 @@ class LabelServer:
     """
 
     def __init__(self, studies: str | os.PathLike, log_path: str | os.PathLike, conf: dict[str, str] | None = None,
-                 host: str = "127.0.0.1", port: int | None = None) -> None:
+                 host: str = "127.0.0.1", port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.studies = Path(studies)
         self.log_path = Path(log_path)
         self.conf = conf or {}
+        self.env = env or {}  # extra environment, e.g. MONAI Label settings such as MONAI_LABEL_SESSION_PATH
         self.host = host
         self.port = port or free_port(host)
         self.process: subprocess.Popen | None = None
@@ -53,7 +54,7 @@ class LabelServer:
         """Start the server and wait until GET /info/ answers; on failure raise with the log's tail."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                            start_new_session=True)
+                                            env={**os.environ, **self.env}, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
