@@ -3,6 +3,7 @@
     python main.py eval DATASTORE --out DIR [--mode 2d|3d] [--jitter PX] [--model NAME]
     python main.py bench --json FILE [--no-http | --http-only]
     python main.py serve [--studies PATH_OR_URL] [--host 127.0.0.1] [--port 8000]
+    [torchrun --nproc_per_node N] python main.py train DATASTORE --out DIR [--publish FILE] [options]
 """
 
 from __future__ import annotations
@@ -51,6 +52,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.execv(sys.executable, command)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from medsam_engine.training import TrainConfig, train_datastore
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(output_dir=args.out, publish_path=args.publish, model=args.model, checkpoint=args.checkpoint,
+                      device=args.device, max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, jitter=args.jitter, val_split=args.val_split,
+                      max_train_slices=args.max_train_slices, max_val_slices=args.max_val_slices,
+                      early_stop_patience=args.patience, precision=args.precision, publish_mode=args.publish_mode,
+                      num_workers=args.workers, seed=args.seed)
+    stats = train_datastore(args.datastore, cfg, organs=args.organ or (), val_images=args.val_image or ())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{stats['status']}: epochs {stats['epoch']}, validation Dice {stats['baseline_val_dice']:.4f} -> "
+              f"best {stats['best_metric']:.4f}; published {(stats['published'] or {}).get('version')}; "
+              f"stats {cfg.stats_path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MedSAM served as a MONAI Label app")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +101,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app config, e.g. model medsam-vit-b")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="fine-tune on a datastore's final labels (runs under torchrun for DDP)")
+    p.add_argument("datastore", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="run directory: stats, curves, last checkpoint")
+    p.add_argument("--publish", type=Path, help="served weights file to update when validation Dice improves")
+    p.add_argument("--publish-mode", choices=("improved", "best", "never"), default="improved")
+    p.add_argument("--max-epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--jitter", type=int, default=20, help="box edges moved outwards by 0..PX pixels")
+    p.add_argument("--val-split", type=float, default=0.2, help="share of slices held back for validation")
+    p.add_argument("--val-image", action="append", help="hold this image back for validation instead")
+    p.add_argument("--organ", action="append", help="train on this label name only (labels.json)")
+    p.add_argument("--max-train-slices", type=int, default=0)
+    p.add_argument("--max-val-slices", type=int, default=0)
+    p.add_argument("--patience", type=int, default=3, help="early stopping: epochs without gain (0: off)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="GPU autocast")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--seed", type=int, default=0)
+    _model_args(p)
+    p.set_defaults(func=cmd_train)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -1,0 +1,166 @@
+"""2D training samples from 3D labels, sliced lazily: one sample per labelled slice.
+
+The index holds only (case, slice, label values); images are read when a sample is drawn (a small
+per-process LRU keeps the last volumes, so neighbouring draws do not re-read a file). Each sample is
+prepared by the inference code path: the Segmenter's normaliser and slice input, and the model's Fit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .datastore import Case
+from .errors import EngineInputError
+from .geometry import Box, Fit, mask_box
+from .imageio import Volume, read_image
+from .segmenter import Segmenter
+
+
+@dataclass(frozen=True)
+class SliceSample:
+    """A slice of a case with the label values (objects) it shows."""
+
+    case: int
+    slice: int
+    values: tuple[int, ...]
+
+
+def _has_area(mask: np.ndarray) -> bool:
+    box = mask_box(mask)
+    return box is not None and box[2] - box[0] >= 1 and box[3] - box[1] >= 1
+
+
+def index_slices(cases: Sequence[Case], values: dict[str, set[int]] | None = None,
+                 min_pixels: int = 10) -> list[SliceSample]:
+    """Every slice with at least one object of `min_pixels` or more whose box has area.
+
+    `values` restricts the objects per image id (e.g. one organ); images it does not name are left
+    out. Only label files are read here (one at a time; their arrays are not kept).
+    """
+    samples = []
+    for i, case in enumerate(cases):
+        if case.label is None or (values is not None and case.image_id not in values):
+            continue
+        label = read_image(case.label).array
+        if label.ndim != 3:
+            raise EngineInputError(f"{case.label.name}: a label must be one channel, got shape {label.shape}")
+        wanted = values[case.image_id] if values is not None else None
+        for k in np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1)):
+            plane = label[k]
+            found, counts = np.unique(plane[plane > 0], return_counts=True)
+            objects = tuple(int(v) for v, n in zip(found, counts)
+                            if n >= min_pixels and (wanted is None or int(v) in wanted) and _has_area(plane == v))
+            if objects:
+                samples.append(SliceSample(i, int(k), objects))
+    return samples
+
+
+def split_samples(samples: Sequence[SliceSample], val_fraction: float, seed: int = 0
+                  ) -> tuple[list[SliceSample], list[SliceSample]]:
+    """Hold back a seeded random `val_fraction` of the slices (at least one when there are two or more)."""
+    order = list(samples)
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(order) * val_fraction)) if val_fraction > 0 else 0
+    if val_fraction > 0 and len(order) >= 2:
+        n_val = min(max(n_val, 1), len(order) - 1)
+    val = sorted(order[:n_val], key=lambda s: (s.case, s.slice))
+    train = sorted(order[n_val:], key=lambda s: (s.case, s.slice))
+    return train, val
+
+
+def spread(samples: Sequence[SliceSample], limit: int | None) -> list[SliceSample]:
+    """At most `limit` samples, evenly spaced through the list (all when `limit` is falsy)."""
+    if not limit or len(samples) <= limit:
+        return list(samples)
+    picks = np.linspace(0, len(samples) - 1, limit).round().astype(int)
+    return [samples[i] for i in picks]
+
+
+def expand_box(box: Box, max_shift: int, rng: random.Random, height: int, width: int) -> Box:
+    """Move each edge outwards by 0..max_shift pixels, clipped to the slice.
+
+    MedSAM's training script perturbs boxes this way (its `bbox_shift`), so the model learns to
+    segment from loose boxes an annotator draws.
+    """
+    x0, y0, x1, y1 = box
+    if max_shift > 0:
+        x0, y0 = x0 - rng.randint(0, max_shift), y0 - rng.randint(0, max_shift)
+        x1, y1 = x1 + rng.randint(0, max_shift), y1 + rng.randint(0, max_shift)
+    return max(x0, 0.0), max(y0, 0.0), min(x1, width - 1.0), min(y1, height - 1.0)
+
+
+class SliceDataset(Dataset):
+    """Samples as model tensors: {"image": (3, S, S), "label": (1, L, L), "box": (4,)}.
+
+    Training draws one of the slice's objects at random and jitters its box (`jitter` px, seeded
+    per draw); validation (`jitter=0, train=False`) always takes the slice's largest value-ordered
+    first object with its exact box, so every epoch sees the same task.
+    """
+
+    def __init__(self, cases: Sequence[Case], samples: Sequence[SliceSample], segmenter: Segmenter,
+                 train: bool, jitter: int = 20, seed: int = 0, cache_volumes: int = 2) -> None:
+        self.cases = list(cases)
+        self.samples = list(samples)
+        self.segmenter = segmenter
+        self.geometry = segmenter.model.geometry
+        self.low_res = int(segmenter.model.net.prompt_encoder.mask_input_size[0])
+        self.train = train
+        self.jitter = jitter if train else 0
+        self.seed = seed
+        self.draws = 0
+        self.cache_volumes = cache_volumes
+        self._volumes: OrderedDict[int, tuple[Volume, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, i: int) -> tuple[Volume, np.ndarray]:
+        if i in self._volumes:
+            self._volumes.move_to_end(i)
+            return self._volumes[i]
+        case = self.cases[i]
+        volume = read_image(case.image)
+        label = read_image(case.label).array  # type: ignore[arg-type]
+        if label.shape != volume.array.shape[:3]:
+            raise EngineInputError(f"{case.label.name}: label shape {label.shape} != image {volume.array.shape[:3]}")
+        self._volumes[i] = (volume, label)
+        while len(self._volumes) > self.cache_volumes:
+            self._volumes.popitem(last=False)
+        return volume, label
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        volume, label = self._load(sample.case)
+        if self.train:
+            self.draws += 1
+            rng = random.Random(hash((self.seed, index, self.draws)))
+            value = rng.choice(sample.values)
+        else:
+            rng = random.Random(0)
+            value = sample.values[0]
+        truth = label[sample.slice] == value
+        height, width = volume.slice_shape
+        box = expand_box(mask_box(truth), self.jitter, rng, height, width)  # type: ignore[arg-type]
+        return prepare_sample(self.segmenter, volume, sample.slice, truth, box, self.low_res)
+
+
+def prepare_sample(segmenter: Segmenter, volume: Volume, k: int, truth: np.ndarray, box: Box,
+                   low_res: int) -> dict[str, torch.Tensor]:
+    """Slice k as the model sees it at inference (modality, normaliser, fit), its target mask at the
+    decoder's output resolution over the model input, and the box in model pixels."""
+    modality = segmenter.modality_of(volume)
+    normaliser = segmenter.normaliser(volume, modality, None, box, k)
+    fit = Fit(*volume.slice_shape, segmenter.model.geometry)
+    image = fit.image_to_model(segmenter.slice_input(volume, k, normaliser))[0]
+    mask = fit.image_to_model(truth[..., None].astype(np.float32))
+    target = (F.interpolate(mask, size=(low_res, low_res), mode="area") > 0.5).float()[0]
+    model_box = torch.from_numpy(fit.box_to_model(np.array([box]))[0]).float()
+    return {"image": image, "label": target, "box": model_box}
