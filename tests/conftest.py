@@ -76,4 +76,36 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     srv = getattr(item, "funcargs", {}).get("server")
     if report.failed and isinstance(srv, LabelServer):
         report.sections.append(("MONAI Label server log (tail)", srv.log_tail()))
+    stack = getattr(item, "funcargs", {}).get("dicomweb_stack")
+    if report.failed and stack is not None:
+        report.sections.append(("MONAI Label server log (tail)", stack.server.log_tail()))
+        report.sections.append(("Orthanc log (tail)", stack.orthanc.log_tail()))
 # ==== end of app fixtures ====================================================================
+
+
+# ==== DICOMweb fixtures (tests/test_dicomweb_*.py) ==========================================
+from dicomweb_helpers import Stack, start_label_server  # noqa: E402
+from medsam_http.dicom_samples import load_samples  # noqa: E402
+from medsam_http.orthanc import OrthancServer, is_installed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dicomweb_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    """A real Orthanc (DICOMweb plugin) on a free loopback port holding the sample CT and MR series,
+    and the medsam server with `--studies <its DICOMweb URL>`; one per test module, so SEGs saved
+    by one module do not change what another sees."""
+    if not is_installed():
+        pytest.skip("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb (scripts/setup.sh does)")
+    workdir = tmp_path_factory.mktemp("dicomweb")
+    orthanc = OrthancServer(workdir / "orthanc").start()
+    try:
+        series = load_samples(orthanc.dicomweb_url)
+        server = start_label_server(orthanc.dicomweb_url, workdir)
+    except BaseException:
+        orthanc.stop()
+        raise
+    stack = Stack(orthanc, server, series, workdir)
+    yield stack
+    stack.server.stop()
+    orthanc.stop()
+# ==== end of DICOMweb fixtures ===============================================================

@@ -11,10 +11,17 @@ import os
 from typing import Any, Dict
 
 import lib.configs
+from lib.datastore import dicomweb_datastore
 from lib.endpoints import infer as infer_endpoint
+from lib.endpoints import label as label_endpoint
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,28 @@ class MedSAMApp(MONAILabelApp):
         infers = self.medsam.infer()
         return infers if isinstance(infers, dict) else {self.medsam.name: infers}
 
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        return {self.medsam.name: self.medsam.trainer()}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {**super().init_strategies(), **self.medsam.strategy()}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return self.medsam.scoring_method()
+
+    def on_save_label(self, image_id: str, label_id: str) -> Dict[str, Any]:
+        result = super().on_save_label(image_id, label_id) or {}
+        if self.medsam.auto_train.label_saved(self.datastore(), image_id, label_id):
+            if self.async_training(self.medsam.name):
+                self.medsam.auto_train.started()
+        return result
+
+    def init_remote_datastore(self) -> Datastore:
+        # DICOMweb: MONAI Label's own datastore downloads dcmqi at start; ours needs no download.
+        if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+            return super().init_remote_datastore()
+        return dicomweb_datastore(self.studies)
+
     def info(self) -> Dict[str, Any]:
         meta = super().info()
         meta["medsam"] = {"model": self.medsam.model, "checkpoint": self.medsam.path, "device": self.medsam.device,
@@ -46,3 +75,4 @@ class MedSAMApp(MONAILabelApp):
     def on_init_complete(self) -> None:
         super().on_init_complete()
         infer_endpoint.install()
+        label_endpoint.install()

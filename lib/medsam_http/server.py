@@ -31,7 +31,7 @@ class LabelServer:
 
     def __init__(self, studies: str | os.PathLike, log_path: str | os.PathLike, conf: dict[str, str] | None = None,
                  host: str = "127.0.0.1", port: int | None = None, env: dict[str, str] | None = None) -> None:
-        self.studies = Path(studies)
+        self.studies = str(studies)  # a datastore folder or a DICOMweb URL (http://.../dicom-web)
         self.log_path = Path(log_path)
         self.conf = conf or {}
         self.env = env or {}  # extra environment, e.g. MONAI Label settings such as MONAI_LABEL_SESSION_PATH
@@ -45,7 +45,7 @@ class LabelServer:
 
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
-                   "--studies", str(self.studies), "--host", self.host, "--port", str(self.port)]
+                   "--studies", self.studies, "--host", self.host, "--port", str(self.port)]
         for key, value in self.conf.items():
             command += ["--conf", key, str(value)]
         return command

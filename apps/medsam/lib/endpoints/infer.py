@@ -27,6 +27,7 @@ from fastapi.background import BackgroundTasks
 from fastapi.routing import APIRoute
 from medsam_engine import EngineInputError
 
+from lib.datastore import series_modality
 from lib.infers.medsam import MODEL_PARAM
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, send_response
@@ -103,6 +104,8 @@ def api_run_inference(
     request = parse_params(params)
     request["model"] = model
     request["image"] = resolve_image(instance, image, session_id, file, background_tasks)
+    if image and not file and not session_id and not request.get("modality"):
+        request["modality"] = series_modality(instance.datastore(), image)  # a DICOM series' own Modality
     logger.info("Infer Request: %s", request)
     try:
         result = instance.infer(request)
