@@ -2,7 +2,7 @@
 
     python main.py eval DATASTORE --out DIR [--mode 2d|3d] [--jitter PX] [--model NAME]
     python main.py bench --json FILE [--no-http | --http-only]
-    python main.py serve [--studies PATH_OR_URL] [--host 127.0.0.1] [--port 8000]
+    python main.py serve [--studies PATH_OR_URL | --orthanc [--orthanc-port 8042]] [--host 127.0.0.1] [--port 8000]
     [torchrun --nproc_per_node N] python main.py train DATASTORE --out DIR [--publish FILE] [options]
 """
 
@@ -45,6 +45,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    if args.orthanc:
+        from medsam_http.stack import serve_with_orthanc
+
+        sys.exit(serve_with_orthanc(args.host, args.port, dict(args.conf or []), args.orthanc_port))
     command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "apps" / "medsam"),
                "--studies", args.studies, "--host", args.host, "--port", str(args.port)]
     for key, value in args.conf or []:
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1 unless you open it)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app config, e.g. model medsam-vit-b")
+    p.add_argument("--orthanc", action="store_true", help="also start Orthanc with the sample DICOM series and serve them")
+    p.add_argument("--orthanc-port", type=int, default=8042, help="Orthanc's HTTP port with --orthanc")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="fine-tune on a datastore's final labels (runs under torchrun for DDP)")
