@@ -450,3 +450,10 @@ def train_datastore(root: str | Path, cfg: TrainConfig, organs: Sequence[str] = 
         return train(cfg, cases, [s for s in samples if s.case not in held], [s for s in samples if s.case in held])
     train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed)
     return train(cfg, cases, train_samples, val_samples)
+
+
+def spawned_worker(rank: int, world_size: int, cfg: TrainConfig, cases: Sequence[Case]) -> None:
+    """One process of a run spawned per GPU (MONAI Label's multi_gpu): set the environment that
+    torchrun would, then train. MASTER_ADDR and MASTER_PORT come from the parent."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    train(cfg, cases)

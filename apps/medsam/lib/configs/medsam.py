@@ -7,19 +7,28 @@
     --conf prefetch_slices N                slices encoded in the background per open image (0: off)
     --conf cache_mb N                       embedding cache size (default 1024)
     --conf threads N                        torch CPU threads per job (default 1, see MedSAM.infer)
+    --conf model_dir PATH                   fine-tuned weights, runs and train stats (default apps/medsam/model);
+                                            MODEL_DIR/<model>.pt, once training publishes it, is served
+    --conf auto_train_every N               start training after every N new final labels (default 0: off)
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Optional, Union
 
 import torch
+from lib.activelearning import Diversity, Uncertainty
 from lib.infers import MedSAMInfer
 from lib.infers.engines import SegmenterPool
 from lib.infers.prefetch import Prefetcher
 from lib.infers.volumes import VolumeCache
+from lib.scoring import DraftDice
+from lib.trainers import AutoTrain, MedSAMTrain
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 DEFAULT_LABELS = ("lesion", "liver", "spleen", "kidney_left", "kidney_right", "pancreas", "stomach",
@@ -34,7 +43,8 @@ def _int(conf: Dict[str, str], key: str, default: int) -> int:
 
 
 class MedSAM(TaskConfig):
-    """One infer task (`medsam`); no trainer: MedSAM fine-tuning is not part of this app."""
+    """The `medsam` infer and train tasks, the `diversity` and `uncertainty` strategies and the
+    `draft_dice` scoring method, sharing one pool of loaded models."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -46,16 +56,35 @@ class MedSAM(TaskConfig):
         self.prefetch_slices = _int(conf, "prefetch_slices", 64)
         self.cache_bytes = _int(conf, "cache_mb", 1024) << 20
         self.threads = _int(conf, "threads", 1)
+        self.model_dir = conf.get("model_dir") or model_dir
+        self.published = os.path.join(self.model_dir, f"{self.model}.pt")
+        self.auto_train = AutoTrain(_int(conf, "auto_train_every", 0))
+        self.volumes = VolumeCache()
+        self._pool: Optional[SegmenterPool] = None
+
+    def pool(self) -> SegmenterPool:
+        """The loaded models (the default one at first use), shared by inference and strategies."""
+        if self._pool is None:
+            self._pool = SegmenterPool(self.model, self.path, self.device, self.cache_bytes, published=self.published)
+        return self._pool
 
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
         # A request and the background encoder run at once; with torch's default (one thread per
         # core) each oversubscribes the CPU, and on 2 shared cores a cached box took 1.5 s instead
         # of 0.17 s (measured). One thread per job lets them run side by side.
         torch.set_num_threads(max(1, self.threads))
-        pool = SegmenterPool(self.model, self.path, self.device, self.cache_bytes)
+        pool = self.pool()
         version = pool.get().model.version
-        return {self.name: MedSAMInfer(pool, VolumeCache(), Prefetcher(self.prefetch_slices), self.labels,
+        return {self.name: MedSAMInfer(pool, self.volumes, Prefetcher(self.prefetch_slices), self.labels,
                                        description=f"MedSAM box prompts ({version}): draw a box or click its corners")}
 
     def trainer(self) -> Optional[TrainTask]:
-        return None
+        return MedSAMTrain(self.model, self.model_dir, self.published, lambda: self.pool().served_checkpoint(),
+                           self.device)
+
+    def strategy(self) -> Dict[str, Strategy]:
+        return {"diversity": Diversity(self.pool, self.volumes, os.path.join(self.model_dir, "features")),
+                "uncertainty": Uncertainty(self.pool, self.volumes)}
+
+    def scoring_method(self) -> Dict[str, ScoringMethod]:
+        return {"draft_dice": DraftDice()}

@@ -1,0 +1,3 @@
+from .draft_dice import DraftDice
+
+__all__ = ["DraftDice"]

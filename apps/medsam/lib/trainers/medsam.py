@@ -1,0 +1,136 @@
+"""The `medsam` train task: MONAI Label's request and datastore in, the engine's fine-tuning out.
+
+MONAI Label runs it in a subprocess of the server (POST /train/medsam, Slicer's and OHIF's train
+buttons), so inference keeps serving; on a CPU the subprocess lowers its priority and uses half
+the cores. The best epoch is published to the file the infer task hot-reloads; `GET /train/`
+shows the subprocess's log and `GET /info/` the stats below (also as a PNG beside them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from medsam_engine import EngineInputError
+from medsam_engine.checkpoints import read_json
+from medsam_engine.datastore import Case
+from medsam_engine.training import TrainConfig, spawned_worker, train
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.train import TrainTask
+
+logger = logging.getLogger(__name__)
+
+# Options shown by Slicer and OHIF; a list is a choice whose first entry is the default.
+DEFAULTS: dict[str, Any] = {
+    "max_epochs": 10,
+    "train_batch_size": 4,
+    "lr": 1e-4,
+    "weight_decay": 0.01,
+    "val_split": 0.2,
+    "early_stop_patience": 3,
+    "jitter": 20,
+    "max_train_slices": 0,
+    "max_val_slices": 0,
+    "publish": ["improved", "best", "never"],
+    "precision": ["bf16", "fp16", "fp32"],
+    "multi_gpu": True,
+    "gpus": "all",
+    "num_workers": 0,
+    "threads": 0,
+    "seed": 0,
+}
+
+
+def _option(request: dict, key: str, kind: type) -> Any:
+    value = request.get(key, DEFAULTS[key])
+    if isinstance(value, list):
+        value = value[0]
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"train option {key} must be a {kind.__name__}, "
+                                                                 f"got {value!r}") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MedSAMTrain(TrainTask):
+    def __init__(self, model: str, model_dir: str | os.PathLike, publish_path: str | os.PathLike,
+                 served_checkpoint: Callable[[], str | None], device: str | None) -> None:
+        super().__init__("Fine-tune MedSAM on the final labels: image encoder and mask decoder trained, prompt "
+                         "encoder frozen; the best epoch is served at once")
+        self.model = model
+        self.model_dir = Path(model_dir)
+        self.publish_path = Path(publish_path)
+        self.stats_path = self.model_dir / "train_stats.json"
+        self.served_checkpoint = served_checkpoint
+        self.device = device
+
+    def config(self) -> dict:
+        return dict(DEFAULTS)
+
+    def stats(self) -> dict:
+        return read_json(self.stats_path, {})
+
+    def info(self) -> dict:
+        info = super().info()
+        info["published"] = str(self.publish_path)
+        return info
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        cases = self._cases(datastore)
+        cfg = TrainConfig(
+            output_dir=self.model_dir / "runs" / time.strftime("%Y%m%d_%H%M%S"),
+            publish_path=self.publish_path, stats_path=self.stats_path, model=self.model,
+            checkpoint=self.served_checkpoint(), device=self.device,
+            max_epochs=_option(request, "max_epochs", int), batch_size=_option(request, "train_batch_size", int),
+            lr=_option(request, "lr", float), weight_decay=_option(request, "weight_decay", float),
+            jitter=_option(request, "jitter", int), val_split=_option(request, "val_split", float),
+            max_train_slices=_option(request, "max_train_slices", int),
+            max_val_slices=_option(request, "max_val_slices", int),
+            early_stop_patience=_option(request, "early_stop_patience", int),
+            precision=_option(request, "precision", str), publish_mode=_option(request, "publish", str),
+            num_workers=_option(request, "num_workers", int), seed=_option(request, "seed", int),
+        )
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() and self.device != "cpu" else 0
+        if not gpus:
+            # Share the CPU with the server: lower priority, half the cores unless told otherwise.
+            os.nice(10)
+            torch.set_num_threads(_option(request, "threads", int) or max(1, (os.cpu_count() or 2) // 2))
+        logger.info("fine-tuning %s from %s on %d labelled images", self.model, cfg.checkpoint or "bundled weights",
+                    len(cases))
+        try:
+            if _option(request, "multi_gpu", bool) and gpus > 1:
+                # MONAI Label's multi_gpu: one process per GPU (DDP, NCCL), as its BasicTrainTask does.
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+                torch.multiprocessing.spawn(spawned_worker, nprocs=gpus, args=(gpus, cfg, cases))
+                return self.stats()
+            return train(cfg, cases)
+        except EngineInputError as exc:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(exc)) from None
+
+    @staticmethod
+    def _cases(datastore: Datastore) -> list[Case]:
+        final = DefaultLabelTag.FINAL.value
+        cases = []
+        for image_id in sorted(datastore.get_labeled_images()):
+            label_id = datastore.get_label_by_image_id(image_id, final)
+            if label_id:
+                cases.append(Case(image_id, Path(datastore.get_image_uri(image_id)),
+                                  Path(datastore.get_label_uri(label_id, final))))
+        if not cases:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no final labels to train on: save some first")
+        return cases
