@@ -22,9 +22,6 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.interfaces.tasks.scoring import ScoringMethod
-from monailabel.interfaces.tasks.strategy import Strategy
-from monailabel.interfaces.tasks.train import TrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +42,6 @@ class MedSAMApp(MONAILabelApp):
     def init_infers(self) -> Dict[str, InferTask]:
         infers = self.medsam.infer()
         return infers if isinstance(infers, dict) else {self.medsam.name: infers}
-
-    def init_trainers(self) -> Dict[str, TrainTask]:
-        return {self.medsam.name: self.medsam.trainer()}
-
-    def init_strategies(self) -> Dict[str, Strategy]:
-        return {**super().init_strategies(), **self.medsam.strategy()}
-
-    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
-        return self.medsam.scoring_method()
-
-    def on_save_label(self, image_id: str, label_id: str) -> Dict[str, Any]:
-        result = super().on_save_label(image_id, label_id) or {}
-        if self.medsam.auto_train.label_saved(self.datastore(), image_id, label_id):
-            if self.async_training(self.medsam.name):
-                self.medsam.auto_train.started()
-        return result
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         return {self.medsam.name: self.medsam.trainer()}
