@@ -410,7 +410,7 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    checksum = weights_checksum(net)
+    checksum = weights_checksum(net.net)  # the SAM module, as a published file loads
     checksums = [checksum]
     if ctx.enabled:
         gathered: list[Any] = [None] * ctx.world_size
