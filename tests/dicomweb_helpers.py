@@ -3,7 +3,6 @@ series, the real MONAI Label server pointed at it, and DICOM SEG read-back."""
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import pydicom
 import pydicom_seg
 import requests
 import SimpleITK as sitk
+from dicomweb_client import DICOMwebClient
 
 from app_helpers import SERVER_CONF
 from medsam_http.dicom_samples import SAMPLE_DICOM
@@ -70,23 +70,14 @@ def seg_series(orthanc: OrthancServer) -> list[dict]:
 
 def seg_for(orthanc: OrthancServer, image_series: str) -> list[pydicom.Dataset]:
     """WADO-RS: every SEG instance in Orthanc that references `image_series`."""
+    client = DICOMwebClient(url=orthanc.dicomweb_url)
     found = []
     for item in seg_series(orthanc):
         study, series = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
-        response = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{series}",
-                                headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=60)
-        response.raise_for_status()
-        for part in _multipart(response):
-            ds = pydicom.dcmread(io.BytesIO(part))
+        for ds in client.retrieve_series(study, series):
             if any(str(ref.SeriesInstanceUID) == image_series for ref in ds.ReferencedSeriesSequence):
                 found.append(ds)
     return found
-
-
-def _multipart(response: requests.Response) -> list[bytes]:
-    from requests_toolbelt.multipart.decoder import MultipartDecoder
-
-    return [part.content for part in MultipartDecoder.from_response(response).parts]
 
 
 def seg_to_image(ds: pydicom.Dataset) -> tuple[sitk.Image, dict[int, str]]:

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from app_helpers import REPO_ROOT
+from dicomweb_helpers import save_label, seg_for, seg_to_image
 
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -78,3 +79,19 @@ def test_segmentation_appears_in_the_viewer(ohif_run):
     after = np.asarray(Image.open(out / "ohif-medsam.png").convert("RGB").crop(crop), dtype=int)
     changed = np.abs(after - before).sum(axis=2) > 30
     assert changed.mean() > 0.2, f"only {changed.mean():.1%} of the box's screen pixels changed"
+
+
+def test_label_saved_as_ohif_sends_it_becomes_a_seg(ohif_run, dicomweb_stack, tmp_path):
+    """OHIF's MonaiLabelClient.save_label uploads the raw voxels as label.bin (x fastest)."""
+    _, out = ohif_run
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "reply.nrrd"))).astype(np.uint8)
+    path = tmp_path / "label.bin"
+    path.write_bytes(label.tobytes())
+    ct = dicomweb_stack.series["ct"]
+    response = save_label(dicomweb_stack.server.url, ct, path, {"label_info": [{"name": "liver", "idx": 1}]})
+    assert response.status_code == 200, response.text
+    segs = seg_for(dicomweb_stack.orthanc, ct)
+    assert len(segs) == 1
+    image, names = seg_to_image(segs[0])
+    assert names == {1: "liver"}
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), label)

@@ -108,7 +108,7 @@ def test_saved_series_listed_as_labelled(dicomweb_stack, saved_ct):
     assert sample["id"] == dicomweb_stack.series["mr"]  # the only unlabelled series left
 
 
-@pytest.mark.parametrize("case", ["other_series_size", "garbage", "empty", "shifted", "negative", "params"])
+@pytest.mark.parametrize("case", ["other_series_size", "garbage", "empty", "shifted", "negative", "params", "short_bin"])
 def test_bad_label_refused_and_nothing_stored(dicomweb_stack, tmp_path, case):
     ct = dicomweb_stack.series["ct"]
     reference = series_geometry("ct")
@@ -135,6 +135,9 @@ def test_bad_label_refused_and_nothing_stored(dicomweb_stack, tmp_path, case):
         expect = "0..65535"
     elif case == "params":
         params, expect = "{not json", "params is not valid JSON"
+    elif case == "short_bin":  # OHIF's raw voxels, one slice short
+        path = _write(tmp_path / "label.bin", array[1:].astype(np.uint8).tobytes())
+        expect = "voxels"
     if not path.exists():
         sitk.WriteImage(image, str(path))
     before = len(seg_series(dicomweb_stack.orthanc))

@@ -50,13 +50,22 @@ async function main() {
   fs.mkdirSync(outDir, { recursive: true });
   const result = { console_errors: [] };
   const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+  const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   try {
-    const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
     page.on('console', (m) => { if (m.type() === 'error') result.console_errors.push(m.text().slice(0, 300)); });
     await page.goto(new URL('ohif/', server).toString(), { waitUntil: 'load', timeout: 120000 });
     await page.getByText('Confirm and Hide').click({ timeout: 120000 });
     await page.locator('span.truncate', { hasText: patient }).click({ timeout: 120000 });
     await page.getByRole('button', { name: 'MONAI Label' }).click();
+
+    // Connect only once the series is loaded: the panel sets up its label segmentation on the
+    // displayed volume when it connects ("Something went wrong" when there is none yet).
+    await page.waitForFunction(() => {
+      const element = window.cornerstone.getEnabledElements()[0];
+      const volumes = window.cornerstone.cache.getVolumes();
+      return element && element.viewport.getImageData && element.viewport.getImageData() &&
+        volumes.length > 0 && volumes.every((v) => v.loadStatus && v.loadStatus.loaded);
+    }, null, { timeout: 180000 });
 
     // The panel's server field starts at http://127.0.0.1:8000/; the round button beside it connects.
     const field = page.locator('input[value="http://127.0.0.1:8000/"]');
@@ -65,10 +74,6 @@ async function main() {
     await page.getByText('Point Prompts').click({ timeout: 120000 });
     result.models = await page.locator('div.tab', { has: page.locator('#tab-3') }).locator('select option').allTextContents();
     await page.getByRole('cell', { name: label, exact: true }).click();
-    await page.waitForFunction(() => {
-      const element = window.cornerstone.getEnabledElements()[0];
-      return element && element.viewport.getImageData && element.viewport.getImageData();
-    }, null, { timeout: 120000 });
 
     result.clicks = [];
     for (const [i, j] of [[box[0], box[1]], [box[2], box[3]]]) {
@@ -95,6 +100,10 @@ async function main() {
     await page.waitForTimeout(2000); // let the viewport draw the overlay
     result.voxels_after = await segmentationVoxels(page);
     await page.screenshot({ path: path.join(outDir, 'ohif-medsam.png') });
+  } catch (err) {
+    result.error = String(err);
+    await page.screenshot({ path: path.join(outDir, 'ohif-failure.png') }).catch(() => {});
+    throw err;
   } finally {
     fs.writeFileSync(path.join(outDir, 'result.json'), JSON.stringify(result, null, 2));
     await browser.close();
