@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_train)
 
     args = parser.parse_args(argv)
-    args.func(args)
+    from medsam_engine.errors import EngineInputError, ModelLoadError
+
+    try:
+        args.func(args)
+    except (EngineInputError, ModelLoadError) as exc:
+        parser.exit(2, f"error: {exc}\n")
 
 
 if __name__ == "__main__":
