@@ -159,7 +159,8 @@ def test_killed_training_leaves_served_model_intact(train_server):
     assert stopped["status"] == "STOPPED"
 
     assert _sha(published) == digest
-    assert _train_stats(url)["published"] is None  # this run published nothing
+    stats = _train_stats(url)
+    assert stats["published"] is None and stats["status"] == "stopped"  # this run published nothing
     again = infer_json(url, "ct_3mm", LIVER_24)
     assert again.status_code == 200 and again.json()["model"]["version"] == served
     assert train_server.alive()

@@ -100,9 +100,9 @@ def expand_box(box: Box, max_shift: int, rng: random.Random, height: int, width:
 class SliceDataset(Dataset):
     """Samples as model tensors: {"image": (3, S, S), "label": (1, L, L), "box": (4,)}.
 
-    Training draws one of the slice's objects at random and jitters its box (`jitter` px, seeded
-    per draw); validation (`jitter=0, train=False`) always takes the slice's largest value-ordered
-    first object with its exact box, so every epoch sees the same task.
+    Training draws one of the slice's objects at random and jitters its box outwards (0..`jitter`
+    px, seeded per draw); validation (`train=False`) always takes the slice's object with the lowest
+    label value and its exact box, so every epoch is scored on the same task.
     """
 
     def __init__(self, cases: Sequence[Case], samples: Sequence[SliceSample], segmenter: Segmenter,

@@ -248,6 +248,10 @@ class RunRecorder:
             self.write()
             return
         self.stats["history"][-1]["val_dice"] = dice
+        if self.ctx.main:  # MONAI Label shows the train subprocess's last log lines in GET /train/
+            logger.info("epoch %d/%d: train loss %.4f, validation Dice %.4f (starting weights %.4f)", epoch,
+                        self.cfg.max_epochs, self.stats["history"][-1]["train_loss"], dice,
+                        self.stats["baseline_val_dice"])
         if self.stats["best_metric"] is None or dice > self.stats["best_metric"]:
             self.stats["best_metric"], self.stats["best_metric_epoch"] = dice, epoch
         if self.ctx.main:

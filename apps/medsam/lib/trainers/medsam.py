@@ -23,6 +23,7 @@ from medsam_engine.training import TrainConfig, spawned_worker, train
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.async_tasks.utils import processes
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,12 @@ class MedSAMTrain(TrainTask):
         return dict(DEFAULTS)
 
     def stats(self) -> dict:
-        return read_json(self.stats_path, {})
+        """The last run's stats; a run still marked running with no train process left was stopped
+        or killed (it could not write so itself)."""
+        stats = read_json(self.stats_path, {})
+        if stats.get("status") == "running" and not processes("train"):
+            stats["status"] = "stopped"
+        return stats
 
     def info(self) -> dict:
         info = super().info()
