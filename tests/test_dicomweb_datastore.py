@@ -166,3 +166,9 @@ def test_still_labelled_after_a_restart(dicomweb_stack, saved_ct):
     assert stats(url) == {"total": 2, "completed": 1, "label_tags": {}}
     sample = requests.post(f"{url}/activelearning/random", timeout=60).json()
     assert sample["id"] == dicomweb_stack.series["mr"]
+    # What MONAI Label's training reads: the image and the label rebuilt from the SEG in Orthanc.
+    datalist = requests.get(f"{url}/datastore/", params={"output": "train"}, timeout=300).json()
+    assert len(datalist) == 1 and dicomweb_stack.series["ct"] in datalist[0]["image"]
+    label = sitk.ReadImage(datalist[0]["label"])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), saved_ct["label"])
+    assert_same_grid(label, series_geometry("ct"))
