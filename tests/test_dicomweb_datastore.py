@@ -11,7 +11,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from app_helpers import infer_json, ohif_infer, read_label
+from app_helpers import infer_json, ohif_infer
 from dicomweb_helpers import assert_same_grid, save_label, seg_for, seg_series, seg_to_image, series_geometry
 from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 from pydicom_seg.template import rgb_to_cielab

@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from medsam_engine import EngineInputError
 from medsam_engine.preprocess import normalise_modality
 
-from lib.datastore.seg import LabelRejected, read_label, read_series, write_seg
+from lib.datastore.seg import read_label, read_series, write_seg
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
