@@ -18,15 +18,14 @@ import logging
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.background import BackgroundTasks
-from fastapi.routing import APIRoute
 from medsam_engine import EngineInputError
 
+from lib.endpoints import replace_route
 from lib.datastore import series_modality
 from lib.infers.medsam import MODEL_PARAM
 from monailabel.config import RBAC_USER, settings
@@ -118,24 +117,5 @@ def api_run_inference(
 
 
 def install(app: FastAPI | None = None) -> bool:
-    """Put this route in place of MONAI Label's POST /infer/{model} in the running server's app.
-
-    Routes are looked up per request, so swapping one after start-up takes effect at once.
-    Returns False when no MONAI Label server app is loaded (e.g. the CLI or a train subprocess).
-    """
-    if app is None:
-        module = sys.modules.get("monailabel.app")
-        if module is None:
-            return False
-        app = module.app
-    ours = router.routes[0]
-    routes = app.router.routes
-    for i, route in enumerate(routes):
-        if isinstance(route, APIRoute) and route.path == ours.path and "POST" in route.methods:
-            routes[i] = ours
-            break
-    else:
-        routes.insert(0, ours)
-    app.openapi_schema = None
-    logger.info("MedSAM app: POST %s served by %s", ours.path, __name__)
-    return True
+    """Put this route in place of MONAI Label's POST /infer/{model} in the running server's app."""
+    return replace_route(router, "POST", app)

@@ -13,17 +13,15 @@ and it is a plain function, which FastAPI runs in its thread pool.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
-from fastapi.routing import APIRoute
 
+from lib.endpoints import replace_route
 from lib.datastore import ImageNotFound, LabelRejected, StoreFailed
 from monailabel.config import RBAC_ANNOTATOR, settings
 from monailabel.datastore.local import ImageNotFoundException
@@ -31,7 +29,6 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 
-logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/datastore", tags=["Datastore"])
 
@@ -79,21 +76,5 @@ def api_save_label(
 
 
 def install(app: FastAPI | None = None) -> bool:
-    """Put this route in place of MONAI Label's PUT /datastore/label in the running server's app
-    (routes are looked up per request). False when no MONAI Label server app is loaded."""
-    if app is None:
-        module = sys.modules.get("monailabel.app")
-        if module is None:
-            return False
-        app = module.app
-    ours = router.routes[0]
-    routes = app.router.routes
-    for i, route in enumerate(routes):
-        if isinstance(route, APIRoute) and route.path == ours.path and "PUT" in route.methods:
-            routes[i] = ours
-            break
-    else:
-        routes.insert(0, ours)
-    app.openapi_schema = None
-    logger.info("MedSAM app: PUT %s served by %s", ours.path, __name__)
-    return True
+    """Put this route in place of MONAI Label's PUT /datastore/label in the running server's app."""
+    return replace_route(router, "PUT", app)
