@@ -4,7 +4,9 @@
         DSC of every organ on its middle slice (exact box), lowest first: where the model is weak.
     python scripts/finetune_gain.py gain --organ colon [--train-image ct_3mm --eval-image ct_512]
         Fine-tune on a few slices of the organ in one image (the paper's recipe, engine's trainer),
-        then report DSC before and after on the image's other slices and on the other image.
+        then report DSC before and after on the image's other slices and on the other image, and
+        on other organs of the image (does the model forget them?). With --all-objects the training
+        slices teach every labelled object on them, as an annotator's full label would.
 
 Prints JSON (also written to --out/gain.json). CPU is fine for LiteMedSAM (minutes).
 """
@@ -71,8 +73,11 @@ def summary(scores: list[float]) -> dict:
     return {"n": len(scores), "dsc_mean": round(float(np.mean(scores)), 4), "dsc_median": round(float(np.median(scores)), 4)}
 
 
+OTHER_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach")
+
+
 def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_slices: int, epochs: int,
-         batch_size: int, out: Path, seed: int) -> dict:
+         batch_size: int, out: Path, seed: int, all_objects: bool = False) -> dict:
     cases = [c for c in list_cases(DATASTORE) if c.image_id in (train_image, eval_image)]
     ids = [c.image_id for c in cases]
     train_value, eval_value = organ_value(train_image, organ), organ_value(eval_image, organ)
@@ -84,13 +89,26 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     val = spread(held, val_slices)
     test_own = [s for s in held if s not in val]
     test_other = spread(other, 24)
+    used = {s.slice for s in fit + val}
+    if all_objects:  # the same slices, with every object an annotator labelled on them
+        everything = {(s.case, s.slice): s for s in index_slices(cases[:1] if ids[0] == train_image else cases)
+                      if ids[s.case] == train_image}
+        fit, val = [everything[(s.case, s.slice)] for s in fit], [everything[(s.case, s.slice)] for s in val]
+    label = read_image(DATASTORE / "labels" / "final" / f"{train_image}.nii.gz").array
+    others = {}
+    for name in OTHER_ORGANS:
+        value = organ_value(train_image, name)
+        ks = [int(k) for k in np.flatnonzero((label == value).reshape(label.shape[0], -1).sum(1) >= 50) if k not in used]
+        others[name] = (value, [ks[len(ks) // 4], ks[len(ks) // 2], ks[3 * len(ks) // 4]])
 
     def evaluate(model) -> dict:
         seg = Segmenter(model)
         return {f"{train_image} held-out slices": summary(slice_dsc(seg, train_image, train_value,
                                                                      [s.slice for s in test_own])),
                 f"{eval_image} (other volume)": summary(slice_dsc(seg, eval_image, eval_value,
-                                                                  [s.slice for s in test_other]))}
+                                                                  [s.slice for s in test_other])),
+                "other organs": {name: summary(slice_dsc(seg, train_image, value, ks))["dsc_mean"]
+                                 for name, (value, ks) in others.items()}}
 
     start = time.time()
     before = evaluate(load_model("medsam-lite", device="cpu"))
@@ -101,7 +119,7 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     stats = train(cfg, cases, fit, val)
     after = evaluate(load_model("medsam-lite", str(cfg.publish_path), device="cpu"))
     print("after", after, flush=True)
-    return {"organ": organ, "train_image": train_image, "train_slices": [s.slice for s in fit],
+    return {"organ": organ, "all_objects": all_objects, "train_image": train_image, "train_slices": [s.slice for s in fit],
             "val_slices": [s.slice for s in val], "epochs": epochs, "batch_size": batch_size,
             "best_epoch": stats["best_metric_epoch"], "val_dice": {"start": stats["baseline_val_dice"],
                                                                    "best": stats["best_metric"]},
@@ -123,6 +141,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--all-objects", action="store_true", help="train on every labelled object of the slices")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "finetune_gain")
     args = parser.parse_args()
@@ -132,7 +151,7 @@ def main() -> None:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         result = gain(args.organ, args.train_image, args.eval_image, args.train_slices, args.val_slices,
-                      args.epochs, args.batch_size, args.out, args.seed)
+                      args.epochs, args.batch_size, args.out, args.seed, args.all_objects)
         (args.out / "gain.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -166,6 +166,19 @@ def test_killed_training_leaves_served_model_intact(train_server):
     assert train_server.alive()
 
 
+def test_failed_training_leaves_served_model_intact(train_server):
+    url = train_server.url
+    published = train_server.model_dir / "medsam-lite.pt"
+    digest = _sha(published)
+    served = infer_json(url, "ct_3mm", LIVER_24).json()["model"]["version"]
+    response = requests.post(f"{url}/train/medsam", json={**TINY, "max_epochs": "many"}, timeout=60)
+    assert response.status_code == 200, response.text
+    task = _wait_task(url)
+    assert task["status"] == "ERROR" and any("max_epochs must be int" in line for line in task["details"])
+    assert _sha(published) == digest
+    assert infer_json(url, "ct_3mm", LIVER_24).json()["model"]["version"] == served
+
+
 def test_strategies_return_valid_ids_with_scores(train_server):
     url = train_server.url
     # ct_512 has no final label: the only unlabelled image, and with a draft, the only uncertain one.

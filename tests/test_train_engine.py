@@ -116,16 +116,18 @@ def test_publish_is_atomic_numbered_and_recorded(tmp_path: Path):
     assert sorted(p.name for p in served.parent.iterdir()) == ["medsam-lite.json", "medsam-lite.pt", "versions"]
 
 
-def test_training_that_does_not_improve_publishes_nothing(sample_volume, tmp_path: Path):
-    """lr 0: the weights stay, validation Dice equals the starting one, so 'improved' publishes nothing."""
+def test_training_that_does_not_improve_publishes_nothing_and_stops_early(sample_volume, tmp_path: Path):
+    """lr 0: the weights stay, validation Dice equals the starting one, so 'improved' publishes
+    nothing and early stopping (patience 1) ends the run after its first epoch of 3."""
     torch.set_num_threads(2)
     cases = [c for c in list_cases(SAMPLE_DIR) if c.image_id == "mr_3mm"]
     samples = index_slices(cases, {"mr_3mm": {5}})  # liver
     cfg = TrainConfig(output_dir=tmp_path / "run", publish_path=tmp_path / "model" / "medsam-lite.pt", lr=0.0,
-                      max_epochs=1, batch_size=1, device="cpu", early_stop_patience=0)
+                      max_epochs=3, batch_size=1, device="cpu", early_stop_patience=1)
     third = len(samples) // 3
     stats = train(cfg, cases, [samples[third]], [samples[2 * third]])
-    assert stats["status"] == "done" and stats["history"][0]["val_dice"] == pytest.approx(stats["baseline_val_dice"])
+    assert stats["status"] == "stopped_early" and stats["epoch"] == 1 and len(stats["history"]) == 1
+    assert stats["history"][0]["val_dice"] == pytest.approx(stats["baseline_val_dice"])
     assert stats["published"] is None and not cfg.publish_path.exists()
     assert (tmp_path / "run" / "checkpoint_last.pt").is_file() and (tmp_path / "run" / "train_stats.png").is_file()
 

@@ -57,7 +57,7 @@ def _option(request: dict, key: str, kind: type) -> Any:
             return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
         return kind(value)
     except (TypeError, ValueError):
-        raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"train option {key} must be a {kind.__name__}, "
+        raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"train option {key} must be {kind.__name__}, "
                                                                  f"got {value!r}") from None
 
 
