@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import requests
 
+from medsam_http.process import ServiceProcess
 from medsam_http.server import free_port
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
@@ -68,14 +67,16 @@ def write_config(workdir: Path, port: int) -> Path:
     return path
 
 
-class OrthancServer:
+class OrthancServer(ServiceProcess):
     """An Orthanc process on a loopback port with its storage in `workdir` (kept between runs)."""
+
+    name = "Orthanc"
+    error = OrthancError
 
     def __init__(self, workdir: str | os.PathLike, port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.port = port or free_port()
-        self.log_path = self.workdir / "orthanc.log"
-        self.process: subprocess.Popen | None = None
+        super().__init__(self.workdir / "orthanc.log")
 
     @property
     def url(self) -> str:
@@ -91,39 +92,7 @@ class OrthancServer:
             raise OrthancError(f"Orthanc is not installed ({ORTHANC_BINARY}, {DICOMWEB_PLUGIN}): "
                                "run `python scripts/orthanc.py install` or apt-get install orthanc orthanc-dicomweb")
         config = write_config(self.workdir, self.port)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([str(ORTHANC_BINARY), str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise OrthancError(f"Orthanc exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/system", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise OrthancError(f"Orthanc did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+        self.launch([str(ORTHANC_BINARY), str(config)], lambda: requests.get(f"{self.url}/system", timeout=2).ok,
+                    timeout, poll=0.3)
+        return self
 
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def log_tail(self, lines: int = 60) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def __enter__(self) -> "OrthancServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
