@@ -91,8 +91,7 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     test_other = spread(other, 24)
     used = {s.slice for s in fit + val}
     if all_objects:  # the same slices, with every object an annotator labelled on them
-        everything = {(s.case, s.slice): s for s in index_slices(cases[:1] if ids[0] == train_image else cases)
-                      if ids[s.case] == train_image}
+        everything = {(s.case, s.slice): s for s in index_slices(cases) if ids[s.case] == train_image}
         fit, val = [everything[(s.case, s.slice)] for s in fit], [everything[(s.case, s.slice)] for s in val]
     label = read_image(DATASTORE / "labels" / "final" / f"{train_image}.nii.gz").array
     others = {}

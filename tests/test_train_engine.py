@@ -97,6 +97,25 @@ def test_samples_are_model_tensors_aligned_with_their_box(synthetic_store: Path,
     assert (boxes[:, :2] <= sample["box"].numpy()[:2] + 1e-4).all() and len({tuple(b) for b in boxes}) > 1
 
 
+def test_small_objects_are_trained_in_the_zoomed_tile_inference_uses(tmp_path: Path, lite_segmenter):
+    """A 10 px disc in a 256 px slice is under the zoom rule's 16 model px: the sample is the tile
+    the server would segment it in, so box and target are magnified alike."""
+    image = np.zeros((3, 256, 256), np.float32)
+    label = np.zeros((3, 256, 256), np.uint8)
+    yy, xx = np.mgrid[:256, :256]
+    disc = (yy - 100) ** 2 + (xx - 150) ** 2 < 5 ** 2
+    image[1][disc], label[1][disc] = 300, 1
+    (tmp_path / "labels" / "final").mkdir(parents=True)
+    _write(image, tmp_path / "small.nii.gz")
+    _write(label, tmp_path / "labels" / "final" / "small.nii.gz")
+    cases = list_cases(tmp_path)
+    sample = SliceDataset(cases, index_slices(cases), lite_segmenter, train=False)[0]
+    box = sample["box"].numpy()
+    assert box[2] - box[0] > 2 * 9  # the 9 px wide box, magnified by the tile's zoom
+    target = mask_box(sample["label"][0].numpy() > 0)
+    assert np.allclose(target, box, atol=4)
+
+
 def test_publish_is_atomic_numbered_and_recorded(tmp_path: Path):
     served = tmp_path / "model" / "medsam-lite.pt"
     state = {"w": torch.zeros(3)}

@@ -154,12 +154,18 @@ class SliceDataset(Dataset):
 
 def prepare_sample(segmenter: Segmenter, volume: Volume, k: int, truth: np.ndarray, box: Box,
                    low_res: int) -> dict[str, torch.Tensor]:
-    """Slice k as the model sees it at inference (modality, normaliser, fit), its target mask at the
-    decoder's output resolution over the model input, and the box in model pixels."""
+    """Slice k as the model sees it at inference (modality, normaliser, fit, and the zoomed tile
+    for a small box), its target mask at the decoder's output resolution over the model input, and
+    the box in model pixels."""
     modality = segmenter.modality_of(volume)
     normaliser = segmenter.normaliser(volume, modality, None, box, k)
     fit = Fit(*volume.slice_shape, segmenter.model.geometry)
-    image = fit.image_to_model(segmenter.slice_input(volume, k, normaliser))[0]
+    crop = segmenter.zoom.crop_for(box, fit) if segmenter.zoom else None
+    if crop is not None:
+        fit = Fit(crop[2] - crop[0], crop[3] - crop[1], segmenter.model.geometry)
+        truth = truth[crop[0]:crop[2], crop[1]:crop[3]]
+        box = (box[0] - crop[1], box[1] - crop[0], box[2] - crop[1], box[3] - crop[0])
+    image = fit.image_to_model(segmenter.slice_input(volume, k, normaliser, crop))[0]
     mask = fit.image_to_model(truth[..., None].astype(np.float32))
     target = (F.interpolate(mask, size=(low_res, low_res), mode="area") > 0.5).float()[0]
     model_box = torch.from_numpy(fit.box_to_model(np.array([box]))[0]).float()
