@@ -38,6 +38,7 @@ class MedSAMApp(MONAILabelApp):
             description="MedSAM: segment the object a box encloses, in CT, MR and 2D images",
             version="0.1.0",
         )
+        self._auto_update_scoring = self.medsam.auto_score
 
     def init_infers(self) -> Dict[str, InferTask]:
         infers = self.medsam.infer()

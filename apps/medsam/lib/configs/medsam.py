@@ -10,6 +10,9 @@
     --conf model_dir PATH                   fine-tuned weights, runs and train stats (default apps/medsam/model);
                                             MODEL_DIR/<model>.pt, once training publishes it, is served
     --conf auto_train_every N               start training after every N new final labels (default 0: off)
+    --conf auto_score true|false            MONAI Label's automatic scoring (draft_dice) at start, after
+                                            training and after each next-sample (default false: each run
+                                            is a subprocess loading the app; POST /scoring/draft_dice instead)
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class MedSAM(TaskConfig):
         self.model_dir = conf.get("model_dir") or model_dir
         self.published = os.path.join(self.model_dir, f"{self.model}.pt")
         self.auto_train = AutoTrain(_int(conf, "auto_train_every", 0))
+        self.auto_score = str(conf.get("auto_score", "false")).strip().lower() in ("1", "true", "yes", "on")
         self.volumes = VolumeCache()
         self._pool: Optional[SegmenterPool] = None
 
