@@ -77,7 +77,7 @@ OTHER_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach")
 
 
 def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_slices: int, epochs: int,
-         batch_size: int, out: Path, seed: int, all_objects: bool = False) -> dict:
+         batch_size: int, out: Path, seed: int, all_objects: bool = False, lr: float = 1e-4) -> dict:
     cases = [c for c in list_cases(DATASTORE) if c.image_id in (train_image, eval_image)]
     ids = [c.image_id for c in cases]
     train_value, eval_value = organ_value(train_image, organ), organ_value(eval_image, organ)
@@ -113,12 +113,12 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     before = evaluate(load_model("medsam-lite", device="cpu"))
     print("before", before, flush=True)
     cfg = TrainConfig(output_dir=out / "run", publish_path=out / "model" / "medsam-lite.pt", stats_path=out / "train_stats.json",
-                      max_epochs=epochs, batch_size=batch_size, device="cpu", publish_mode="best",
+                      max_epochs=epochs, batch_size=batch_size, lr=lr, device="cpu", publish_mode="best",
                       early_stop_patience=0, seed=seed)
     stats = train(cfg, cases, fit, val)
     after = evaluate(load_model("medsam-lite", str(cfg.publish_path), device="cpu"))
     print("after", after, flush=True)
-    return {"organ": organ, "all_objects": all_objects, "train_image": train_image, "train_slices": [s.slice for s in fit],
+    return {"organ": organ, "all_objects": all_objects, "lr": lr, "train_image": train_image, "train_slices": [s.slice for s in fit],
             "val_slices": [s.slice for s in val], "epochs": epochs, "batch_size": batch_size,
             "best_epoch": stats["best_metric_epoch"], "val_dice": {"start": stats["baseline_val_dice"],
                                                                    "best": stats["best_metric"]},
@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--all-objects", action="store_true", help="train on every labelled object of the slices")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "finetune_gain")
@@ -150,7 +151,7 @@ def main() -> None:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         result = gain(args.organ, args.train_image, args.eval_image, args.train_slices, args.val_slices,
-                      args.epochs, args.batch_size, args.out, args.seed, args.all_objects)
+                      args.epochs, args.batch_size, args.out, args.seed, args.all_objects, args.lr)
         (args.out / "gain.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
