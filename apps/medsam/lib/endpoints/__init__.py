@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.routing import APIRoute
 
 logger = logging.getLogger(__name__)
@@ -33,3 +35,14 @@ def replace_route(router: APIRouter, method: str, app: FastAPI | None = None) ->
     app.openapi_schema = None
     logger.info("MedSAM app: %s %s served by %s", method, ours.path, ours.endpoint.__module__)
     return True
+
+
+def json_object(text: str, field: str = "params") -> dict[str, Any]:
+    """A form field holding a JSON object (empty means {}); anything else is a 400."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise HTTPException(status_code=400, detail=f"{field} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise HTTPException(status_code=400, detail=f"{field} must be a JSON object, got {type(value).__name__}")
+    return value

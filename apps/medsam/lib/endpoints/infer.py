@@ -13,7 +13,6 @@ route keeps its interface and its parts (the app's `infer`, sessions, `send_resp
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -25,7 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Uplo
 from fastapi.background import BackgroundTasks
 from medsam_engine import EngineInputError
 
-from lib.endpoints import replace_route
+from lib.endpoints import json_object, replace_route
 from lib.datastore import series_modality
 from lib.infers.medsam import MODEL_PARAM
 from monailabel.config import RBAC_USER, settings
@@ -44,12 +43,7 @@ router = APIRouter(prefix=f"{settings.MONAI_LABEL_API_STR}/infer", tags=["Infer"
 def parse_params(text: str) -> dict[str, Any]:
     """The form field `params`: a JSON object. Its `model` (the engine model) is renamed, since
     MONAI Label's request uses `model` for the task; `image` may only come from the query."""
-    try:
-        params = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise HTTPException(status_code=400, detail=f"params is not valid JSON: {exc}") from None
-    if not isinstance(params, dict):
-        raise HTTPException(status_code=400, detail=f"params must be a JSON object, got {type(params).__name__}")
+    params = json_object(text)
     if "image" in params:
         raise HTTPException(status_code=400, detail="params may not set `image`: pass ?image=<id>, a file or a session")
     if "model" in params:

@@ -12,16 +12,14 @@ and it is a plain function, which FastAPI runs in its thread pool.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
 
-from lib.endpoints import replace_route
+from lib.endpoints import json_object, replace_route
 from lib.datastore import ImageNotFound, LabelRejected, StoreFailed
 from monailabel.config import RBAC_ANNOTATOR, settings
 from monailabel.datastore.local import ImageNotFoundException
@@ -33,16 +31,6 @@ from monailabel.interfaces.utils.app import app_instance
 router = APIRouter(prefix="/datastore", tags=["Datastore"])
 
 
-def _params(text: str) -> dict[str, Any]:
-    try:
-        params = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise HTTPException(status_code=400, detail=f"params is not valid JSON: {exc}") from None
-    if not isinstance(params, dict):
-        raise HTTPException(status_code=400, detail=f"params must be a JSON object, got {type(params).__name__}")
-    return params
-
-
 @router.put("/label", summary=f"{RBAC_ANNOTATOR}Save Finished Label")
 def api_save_label(
     image: str,
@@ -51,7 +39,7 @@ def api_save_label(
     label: UploadFile = File(...),
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
 ):
-    save_params = _params(params)
+    save_params = json_object(params)
     if user and user.username:
         save_params["user"] = user.username
     suffix = "".join(pathlib.Path(label.filename).suffixes) if label.filename else ".nii.gz"
