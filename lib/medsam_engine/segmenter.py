@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,8 @@ from .errors import EngineInputError
 from .geometry import Box, Fit, check_box
 from .imageio import Volume
 from .models import SamModel
-from .preprocess import KeepRGB, Normaliser, auto_window, infer_modality, normalise_modality, parse_window, percentile_clip
+from .preprocess import (KeepRGB, Normaliser, PercentileClip, auto_window, infer_modality, normalise_modality,
+                         parse_window, percentile_clip)
 from .prompts import Box3DPrompt, KeySlicesPrompt, Prompt, SlicePrompt
 from .propagation import interpolate_boxes, propagate
 from .zoom import Crop, ZoomRule
@@ -82,8 +83,9 @@ class Segmenter:
         self.model = model
         self.cache = cache if cache is not None else EmbeddingCache()  # an empty cache is falsy
         self.zoom = zoom
-        self._volume_info: dict[str, tuple[str, Normaliser | None]] = {}
-        self._info_lock = threading.Lock()
+        self._modalities: dict[str, str] = {}  # inferred modality per image key
+        self._clips: dict[str, PercentileClip] = {}  # percentile bounds per image key
+        self._memo_lock = threading.Lock()
 
     # ---- preprocessing -------------------------------------------------------------------
     def modality_of(self, volume: Volume, modality: str | None = None) -> str:
@@ -93,17 +95,17 @@ class Segmenter:
             return "RGB"
         if given:
             return given
-        return self._info(volume)[0]
+        return self._memo(self._modalities, volume.key, lambda: infer_modality(volume.array))
 
-    def _info(self, volume: Volume) -> tuple[str, Normaliser | None]:
-        with self._info_lock:
-            info = self._volume_info.get(volume.key)
-        if info is None:
-            modality = infer_modality(volume.array)
-            info = (modality, None)
-            with self._info_lock:
-                self._volume_info[volume.key] = info
-        return info
+    def _memo(self, store: dict, key: str, compute: Callable[[], Any]) -> Any:
+        """A per-image value computed once (outside the lock: a race only computes it twice)."""
+        with self._memo_lock:
+            value = store.get(key)
+        if value is None:
+            value = compute()
+            with self._memo_lock:
+                store[key] = value
+        return value
 
     def normaliser(self, volume: Volume, modality: str, window: object, box: Box, k: int) -> Normaliser:
         """CT: the given window, else one chosen from the HU inside the box; other grey images: the
@@ -116,14 +118,7 @@ class Segmenter:
                 x0, y0, x1, y1 = (int(round(v)) for v in box)
                 chosen = auto_window(volume.array[k, y0:y1 + 1, x0:x1 + 1])
             return chosen
-        key = ("clip", volume.key)
-        with self._info_lock:
-            clip = self._volume_info.get(key)  # type: ignore[call-overload]
-        if clip is None:
-            clip = percentile_clip(volume.array)
-            with self._info_lock:
-                self._volume_info[key] = clip  # type: ignore[index]
-        return clip  # type: ignore[return-value]
+        return self._memo(self._clips, volume.key, lambda: percentile_clip(volume.array))
 
     def slice_input(self, volume: Volume, k: int, normaliser: Normaliser, crop: Crop | None = None) -> np.ndarray:
         """Slice k (or a crop of it) as (h, w, 3) float32 in [0, 1]."""
