@@ -68,8 +68,9 @@ def run_bench(json_path: str | Path, datastore: str | Path, model: str = "medsam
     sam = load_model(model, checkpoint, device)
     load_s = time.perf_counter() - start
     cases = {c.image_id: c for c in list_cases(datastore)}
-    slice_case = max(cases.values(), key=lambda c: read_image(c.image).slice_shape[0])
-    volume = read_image(slice_case.image)
+    images = {image_id: read_image(case.image) for image_id, case in cases.items()}
+    slice_id = max(images, key=lambda image_id: images[image_id].slice_shape[0])
+    slice_case, volume = cases[slice_id], images[slice_id]
     label = read_image(slice_case.label).array  # type: ignore[arg-type]
     k = _largest_slice(label)
     height, width = volume.slice_shape
@@ -102,7 +103,7 @@ def run_bench(json_path: str | Path, datastore: str | Path, model: str = "medsam
     results["precision"] = sam.precision
 
     vol_case = cases.get("ct_3mm") or slice_case
-    volume3 = read_image(vol_case.image)
+    volume3 = images[vol_case.image_id]
     label3 = read_image(vol_case.label).array  # type: ignore[arg-type]
     value, first, last = _longest_object(label3)
     box3 = mask_box((label3 == value).any(axis=0))
