@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict
 
 import lib.configs
-from lib.datastore import dicomweb_datastore
+from lib.datastore import dicomweb_datastore, local_datastore
 from lib.endpoints import infer as infer_endpoint
 from lib.endpoints import label as label_endpoint
 
@@ -59,6 +59,12 @@ class MedSAMApp(MONAILabelApp):
             if self.async_training(self.medsam.name):
                 self.medsam.auto_train.started()
         return result
+
+    def init_datastore(self) -> Datastore:
+        # A folder: MONAI Label's datastore, with labels and its JSON written atomically.
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return local_datastore(self.studies)
 
     def init_remote_datastore(self) -> Datastore:
         # DICOMweb: MONAI Label's own datastore downloads dcmqi at start; ours needs no download.

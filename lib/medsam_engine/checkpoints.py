@@ -13,35 +13,22 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomicio import atomic_write
 from .models import file_sha256
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write {"model": state_dict, "meta": meta} atomically (temporary file, then rename)."""
     path = Path(path)
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    _atomic_write(path, lambda tmp: torch.save({"model": cpu_state, "meta": meta}, tmp))
+    atomic_write(path, lambda tmp: torch.save({"model": cpu_state, "meta": meta}, tmp))
     return path
 
 
@@ -49,12 +36,12 @@ def write_json(path: str | Path, data: Any) -> None:
     """JSON written atomically."""
     path = Path(path)
 
-    def write(tmp: str) -> None:
+    def write(tmp: Path) -> None:
         with open(tmp, "w") as handle:
             json.dump(data, handle, indent=1)
             handle.write("\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def read_json(path: str | Path, default: Any = None) -> Any:
@@ -71,6 +58,19 @@ def manifest_path(published: str | Path) -> Path:
     return Path(published).with_suffix(".json")
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
+
+
+def _entry(model_name: str, number: int, copy: Path, digest: str, published_at: float,
+           meta: dict[str, Any]) -> dict[str, Any]:
+    return {"version": f"{model_name}@{digest[:12]}", "number": number, "file": str(copy),
+            "published_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(published_at)), **meta}
+
+
 def publish(published: str | Path, state_dict: dict[str, torch.Tensor], model_name: str,
             meta: dict[str, Any], keep: int = 10) -> dict[str, Any]:
     """Publish weights as the served file (atomically), keep a numbered copy, update the manifest.
@@ -80,27 +80,47 @@ def publish(published: str | Path, state_dict: dict[str, torch.Tensor], model_na
     published = Path(published)
     manifest = read_json(manifest_path(published), {"history": []})
     number = max((e["number"] for e in manifest["history"]), default=0) + 1
-    versions = published.parent / "versions"
-    copy = versions / f"{published.stem}-v{number:04d}.pt"
-    save_checkpoint(copy, state_dict, {**meta, "number": number})
+    copy = published.parent / "versions" / f"{published.stem}-v{number:04d}.pt"
+    save_checkpoint(copy, state_dict, {**meta, "number": number, "model": model_name})
     digest = file_sha256(copy)
-    os.makedirs(published.parent, exist_ok=True)
-    # The numbered copy is complete on disk; a hard link or a copy of it replaces the served file.
-    tmp = published.parent / f".{published.name}.{os.getpid()}.tmp"
-    try:
-        try:
-            os.link(copy, tmp)
-        except OSError:
-            tmp.write_bytes(copy.read_bytes())
-        os.replace(tmp, published)
-    finally:
-        tmp.unlink(missing_ok=True)
-    entry = {"version": f"{model_name}@{digest[:12]}", "number": number, "file": str(copy),
-             "published_at": time.strftime("%Y-%m-%d %H:%M:%S"), **meta}
+    # The numbered copy is complete on disk; a hard link to it (or a copy) replaces the served file.
+    atomic_write(published, lambda tmp: _link_or_copy(copy, tmp))
+    entry = _entry(model_name, number, copy, digest, time.time(), meta)
     manifest["current"] = entry
     manifest["history"].append(entry)
     for old in manifest["history"][:-keep] if keep > 0 else []:
         Path(old["file"]).unlink(missing_ok=True)
     manifest["history"] = manifest["history"][-keep:] if keep > 0 else manifest["history"]
     write_json(manifest_path(published), manifest)
+    return entry
+
+
+def reconcile_manifest(published: str | Path) -> dict[str, Any] | None:
+    """Make the manifest's `current` name the weights the served file holds, and return it.
+
+    `publish` replaces the served file before it rewrites the manifest: a process killed between
+    the two leaves a manifest naming the previous version. None when nothing is published; a served
+    file `publish` did not write (no version number in it) leaves the manifest alone.
+    """
+    published = Path(published)
+    if not published.is_file():
+        return None
+    path = manifest_path(published)
+    manifest = read_json(path, {"history": []})
+    digest = file_sha256(published)
+    current = manifest.get("current")
+    if current and current["version"].endswith(f"@{digest[:12]}"):
+        return current
+    entry = next((e for e in reversed(manifest["history"]) if e["version"].endswith(f"@{digest[:12]}")), None)
+    if entry is None:
+        meta = torch.load(published, map_location="cpu", weights_only=True).get("meta", {})
+        if "number" not in meta:
+            return current
+        meta = dict(meta)
+        number, model_name = int(meta.pop("number")), str(meta.pop("model", published.stem))
+        copy = published.parent / "versions" / f"{published.stem}-v{number:04d}.pt"
+        entry = _entry(model_name, number, copy, digest, published.stat().st_mtime, meta)
+        manifest["history"].append(entry)
+    manifest["current"] = entry
+    write_json(path, manifest)
     return entry

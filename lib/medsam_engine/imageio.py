@@ -6,14 +6,13 @@ image's i index and y its j index; RGB images are (1, Y, X, 3).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomicio import atomic_write
 from .errors import EngineInputError
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -134,15 +133,5 @@ def label_image(label: np.ndarray, reference: Volume) -> sitk.Image:
 
 def write_label(label: np.ndarray, reference: Volume, path: str | Path) -> Path:
     """Write a label on the reference's grid atomically: a temporary file, then a rename."""
-    path = Path(path)
     image = label_image(label, reference)
-    ext = extension_of(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
