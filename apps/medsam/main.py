@@ -12,8 +12,7 @@ from typing import Any, Dict
 
 import lib.configs
 from lib.datastore import dicomweb_datastore, local_datastore
-from lib.endpoints import infer as infer_endpoint
-from lib.endpoints import label as label_endpoint
+from lib.endpoints.install import install as install_endpoints
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -81,5 +80,4 @@ class MedSAMApp(MONAILabelApp):
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
-        infer_endpoint.install()
-        label_endpoint.install()
+        install_endpoints(self.medsam.max_upload_mb << 20)

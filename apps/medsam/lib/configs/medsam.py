@@ -10,6 +10,8 @@
     --conf model_dir PATH                   fine-tuned weights, runs and train stats (default apps/medsam/model);
                                             MODEL_DIR/<model>.pt, once training publishes it, is served
     --conf auto_train_every N               start training after every N new final labels (default 0: off)
+    --conf max_upload_mb N                  largest request body (upload) the server reads, in MB (default 1024);
+                                            a bigger one gets a 413 before it is stored anywhere
     --conf auto_score true|false            MONAI Label's automatic scoring (draft_dice) at start, after
                                             training and after each next-sample (default false: each run
                                             is a subprocess loading the app; POST /scoring/draft_dice instead)
@@ -22,6 +24,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 from lib.activelearning import Diversity, Uncertainty
+from lib.endpoints.guard import DEFAULT_MAX_UPLOAD_MB
 from lib.infers import MedSAMInfer
 from lib.infers.engines import SegmenterPool
 from lib.infers.prefetch import Prefetcher
@@ -62,6 +65,9 @@ class MedSAM(TaskConfig):
         self.model_dir = conf.get("model_dir") or model_dir
         self.published = os.path.join(self.model_dir, f"{self.model}.pt")
         self.auto_train = AutoTrain(_int(conf, "auto_train_every", 0))
+        self.max_upload_mb = _int(conf, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB)
+        if self.max_upload_mb < 1:
+            raise ValueError(f"--conf max_upload_mb must be at least 1, got {self.max_upload_mb}")
         self.auto_score = str(conf.get("auto_score", "false")).strip().lower() in ("1", "true", "yes", "on")
         self.volumes = VolumeCache()
         self._pool: Optional[SegmenterPool] = None

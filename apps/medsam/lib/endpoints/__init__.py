@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -12,28 +13,38 @@ from fastapi.routing import APIRoute
 
 logger = logging.getLogger(__name__)
 
+# Ids a client may name (image, label tag): one file name, no path. Hand-written: no library checks this.
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
-def replace_route(router: APIRouter, method: str, app: FastAPI | None = None) -> bool:
-    """Put `router`'s one route in place of the running server's route with the same path and method.
+
+def server_app() -> FastAPI | None:
+    """The running MONAI Label server's FastAPI app (None in the CLI or a train subprocess)."""
+    module = sys.modules.get("monailabel.app")
+    return None if module is None else module.app
+
+
+def replace_routes(router: APIRouter, app: FastAPI | None = None) -> bool:
+    """Put each of `router`'s routes in place of the running server's route with the same path and
+    method (or first, when the server has none).
 
     Routes are looked up per request, so swapping one after start-up takes effect at once.
     Returns False when no MONAI Label server app is loaded (e.g. the CLI or a train subprocess).
     """
+    app = app or server_app()
     if app is None:
-        module = sys.modules.get("monailabel.app")
-        if module is None:
-            return False
-        app = module.app
-    ours = router.routes[0]
+        return False
     routes = app.router.routes
-    for i, route in enumerate(routes):
-        if isinstance(route, APIRoute) and route.path == ours.path and method in route.methods:
-            routes[i] = ours
-            break
-    else:
-        routes.insert(0, ours)
+    for ours in router.routes:
+        assert isinstance(ours, APIRoute)
+        for i, route in enumerate(routes):
+            if isinstance(route, APIRoute) and route.path == ours.path and route.methods & ours.methods:
+                routes[i] = ours
+                break
+        else:
+            routes.insert(0, ours)
+        logger.info("MedSAM app: %s %s served by %s", ",".join(sorted(ours.methods)), ours.path,
+                    ours.endpoint.__module__)
     app.openapi_schema = None
-    logger.info("MedSAM app: %s %s served by %s", method, ours.path, ours.endpoint.__module__)
     return True
 
 
@@ -45,4 +56,13 @@ def json_object(text: str, field: str = "params") -> dict[str, Any]:
         raise HTTPException(status_code=400, detail=f"{field} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise HTTPException(status_code=400, detail=f"{field} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def safe_id(value: str, field: str) -> str:
+    """`value` when it is a plain name (letters, digits, `_.-`, not `..`), else a 400: ids become
+    file names in the datastore, and no client-given name may lead out of it."""
+    if not SAFE_ID.fullmatch(value) or ".." in value:
+        raise HTTPException(status_code=400, detail=f"{field} {value!r} is not a valid id: use letters, digits "
+                                                    "and _ . - (no path, at most 200 characters)")
     return value

@@ -7,7 +7,9 @@ route keeps its interface and its parts (the app's `infer`, sessions, `send_resp
 
 - answers 400 to malformed `params` and to input the task rejects (`EngineInputError`), 404 to
   an unknown image id, session or task, each with a message saying what is wrong;
-- resolves image ids through the datastore only (an upload or a session is the way to send a file);
+- resolves image ids through the datastore only (an upload or a session is the way to send a file),
+  and session ids only as ids of the session store (`check_session_id`);
+- reads no uploaded file whose header declares an absurd size (`check_header`);
 - is a plain function, which FastAPI runs in its thread pool: the server keeps answering.
 """
 
@@ -24,7 +26,9 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Uplo
 from fastapi.background import BackgroundTasks
 from medsam_engine import EngineInputError
 
-from lib.endpoints import json_object, replace_route
+from lib.endpoints import json_object, replace_routes
+from lib.endpoints.session import check_session_id
+from lib.endpoints.uploads import check_header
 from lib.datastore import series_modality
 from lib.infers.medsam import MODEL_PARAM
 from monailabel.config import RBAC_USER, settings
@@ -57,6 +61,7 @@ def _upload(file: UploadFile, background_tasks: BackgroundTasks) -> str:
     with os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(file.file, out)
     background_tasks.add_task(remove_file, path)
+    check_header(path)
     return path
 
 
@@ -66,7 +71,7 @@ def resolve_image(instance: MONAILabelApp, image: str, session_id: str, file: Up
     if file:
         return _upload(file, background_tasks)
     if session_id:
-        session = instance.sessions().get_session(session_id) if instance.sessions() else None
+        session = instance.sessions().get_session(check_session_id(session_id)) if instance.sessions() else None
         if not session:
             raise HTTPException(status_code=404, detail=f"unknown session {session_id!r} (expired or never created)")
         return session.image
@@ -112,4 +117,4 @@ def api_run_inference(
 
 def install(app: FastAPI | None = None) -> bool:
     """Put this route in place of MONAI Label's POST /infer/{model} in the running server's app."""
-    return replace_route(router, "POST", app)
+    return replace_routes(router, app)

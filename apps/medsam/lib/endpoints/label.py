@@ -1,34 +1,71 @@
 """The app's PUT /datastore/label, put in place of MONAI Label's own when the server starts.
 
 MONAI Label's route answers 500 to any error the datastore raises (a label on the wrong grid, an
-unreadable file, malformed `params`) and runs the save, which for a DICOMweb datastore writes a
-DICOM SEG and uploads it, inside an `async` handler that blocks the event loop. This route keeps
-its interface (form fields `params` and `label`, query `image` and `tag`) and answers:
-- 400 to malformed `params` and to a label the datastore refuses (`LabelRejected`);
+unreadable file, malformed `params`), stores whatever bytes a client sends as a label of a local
+datastore (a corrupt NIfTI became a final label, with a 200), joins the `tag` query to the labels
+folder unchecked (`?tag=../..` writes outside the datastore), and runs the save, which for a
+DICOMweb datastore writes a DICOM SEG and uploads it, inside an `async` handler that blocks the
+event loop. This route keeps its interface (form fields `params` and `label`, query `image` and
+`tag`) and answers:
+- 400 to malformed `params`, a tag that is not a plain name, and a label that is unreadable,
+  truncated, or not on the image's grid (for a local datastore the label is checked as for DICOMweb,
+  `lib.datastore.seg.read_label`, and stored as NIfTI);
 - 404 to an image the datastore does not have;
-- 502 when the PACS does not store the SEG;
+- 502 when the PACS does not store the SEG, 507 when the datastore's disk refuses the write;
 and it is a plain function, which FastAPI runs in its thread pool.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
-import shutil
 import tempfile
+from pathlib import Path
 
+import SimpleITK as sitk
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from medsam_engine import EngineInputError
+from medsam_engine.imageio import VOLUME_EXTENSIONS, extension_of, read_image
 
-from lib.endpoints import json_object, replace_route
-from lib.datastore import ImageNotFound, LabelRejected, StoreFailed
+from lib.datastore import ImageNotFound, LabelRejected, StorageError, StoreFailed
+from lib.datastore.seg import read_label
+from lib.endpoints import json_object, replace_routes, safe_id
+from lib.endpoints.datastore import local_datastore
+from lib.endpoints.uploads import check_header, saved
 from monailabel.config import RBAC_ANNOTATOR, settings
 from monailabel.datastore.local import ImageNotFoundException
 from monailabel.endpoints.user.auth import RBAC, User
-from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 
-
 router = APIRouter(prefix="/datastore", tags=["Datastore"])
+
+
+def check_label_file(path: Path) -> None:
+    """400 unless the label file's header reads, declares a sane size and (NIfTI) holds every voxel:
+    SimpleITK fills a truncated NIfTI with zeros instead of failing; the engine's reader checks."""
+    if path.name.endswith(".bin"):  # OHIF's raw voxels: checked against the image's size when read
+        return
+    check_header(path, "label")
+    if extension_of(path) in VOLUME_EXTENSIONS:
+        try:
+            read_image(path)
+        except EngineInputError as exc:
+            raise HTTPException(status_code=400, detail=f"label refused, nothing stored: {exc}") from None
+
+
+def save_local_label(datastore: Datastore, image: str, path: Path, tag: str, params: dict) -> str:
+    """The label checked against the image's grid and stored as NIfTI in a local datastore."""
+    uri = datastore.get_image_uri(image)
+    if not uri:
+        raise ImageNotFound(f"unknown image id {image!r}: not in this server's datastore")
+    label = read_label(path, sitk.ReadImage(uri))
+    fd, checked = tempfile.mkstemp(prefix="medsam-label-", suffix=".nii.gz")
+    os.close(fd)
+    try:
+        sitk.WriteImage(label, checked, True)
+        return datastore.save_label(image, checked, tag, params)
+    finally:
+        os.unlink(checked)
 
 
 @router.put("/label", summary=f"{RBAC_ANNOTATOR}Save Finished Label")
@@ -40,24 +77,26 @@ def api_save_label(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
 ):
     save_params = json_object(params)
+    tag = safe_id(tag, "tag") if tag else DefaultLabelTag.FINAL.value
     if user and user.username:
         save_params["user"] = user.username
-    suffix = "".join(pathlib.Path(label.filename).suffixes) if label.filename else ".nii.gz"
-    fd, path = tempfile.mkstemp(prefix="medsam-save-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(label.file, out)
-        instance = app_instance()
+    instance = app_instance()
+    local = local_datastore()
+    with saved(label) as path:
+        check_label_file(path)
         try:
-            label_id = instance.datastore().save_label(image, path, tag or DefaultLabelTag.FINAL.value, save_params)
+            if local is not None:
+                label_id = save_local_label(local, image, path, tag, save_params)
+            else:
+                label_id = instance.datastore().save_label(image, str(path), tag, save_params)
         except LabelRejected as exc:
             raise HTTPException(status_code=400, detail=f"label refused, nothing stored: {exc}") from None
         except (ImageNotFound, ImageNotFoundException) as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
         except StoreFailed as exc:
             raise HTTPException(status_code=502, detail=str(exc)) from None
-    finally:
-        os.unlink(path)
+        except StorageError as exc:
+            raise HTTPException(status_code=507, detail=str(exc)) from None
     result = instance.on_save_label(image, label_id) or {}
     result.update({"image": image, "label": label_id})
     return result
@@ -65,4 +104,4 @@ def api_save_label(
 
 def install(app: FastAPI | None = None) -> bool:
     """Put this route in place of MONAI Label's PUT /datastore/label in the running server's app."""
-    return replace_route(router, "PUT", app)
+    return replace_routes(router, app)

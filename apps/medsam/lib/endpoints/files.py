@@ -1,0 +1,84 @@
+"""The app's routes that serve files of the server or forward to the PACS, in place of MONAI Label's.
+
+- GET /ohif/{path}: MONAI Label's answers 500 for a folder (`/ohif/assets`) and, mistaking
+  `os.pathsep` for `os.sep`, serves index.html for every file in a subfolder; this one serves the
+  file under the OHIF folder that the path names, or index.html (OHIF routes in the browser).
+- /proxy/dicom/...: MONAI Label's answers 500 when the studies are a local folder and forwards
+  encoded `..` segments to the PACS; this one answers 404 without a DICOMweb server, 400 to a path
+  that would leave the DICOMweb root, and 502 when the PACS cannot be reached.
+- GET /logs/gpu: 404 instead of 500 when there is no nvidia-smi.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from urllib.parse import unquote
+
+import requests
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse
+
+import monailabel.endpoints.ohif
+from lib.endpoints import replace_routes
+from lib.endpoints.guard import path_problem
+from monailabel.config import RBAC_ADMIN, settings
+from monailabel.endpoints.logs import gpu_info
+from monailabel.endpoints.proxy import proxy_dicom
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.utils.others.generic import get_mime_type
+
+router = APIRouter()
+
+OHIF_DIR = os.path.realpath(os.path.join(os.path.dirname(monailabel.endpoints.ohif.__file__), "static", "ohif"))
+
+
+@router.get("/ohif/{path:path}", include_in_schema=False)
+def api_get_ohif(path: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    file = os.path.realpath(os.path.join(OHIF_DIR, path))
+    if not (file.startswith(OHIF_DIR + os.sep) and os.path.isfile(file)):
+        file = os.path.join(OHIF_DIR, "index.html")
+    if not os.path.isfile(file):
+        raise HTTPException(status_code=404, detail="OHIF is not installed with this MONAI Label")
+    return FileResponse(file, media_type=get_mime_type(file))
+
+
+async def forward(request: Request, op: str, path: str):
+    """MONAI Label's proxy, for a DICOMweb datastore and a path that stays under its root."""
+    if not settings.MONAI_LABEL_STUDIES.startswith(("http://", "https://")):
+        raise HTTPException(status_code=404, detail="this server reads a local datastore: no DICOMweb server to proxy")
+    decoded, previous = path, None
+    while decoded != previous:  # %252e%252e is `..` once the PACS decodes it too
+        previous, decoded = decoded, unquote(decoded)
+    if path_problem(decoded) or decoded.startswith("/"):
+        raise HTTPException(status_code=400, detail=f"proxy path {path!r} leaves the DICOMweb root")
+    try:
+        return await proxy_dicom(request, op, path)
+    except requests.RequestException as exc:
+        raise HTTPException(status_code=502, detail=f"the DICOMweb server did not answer: {exc}") from None
+
+
+def _proxy_route(op: str) -> None:
+    prefix = f"/proxy/dicom/{op}/" if op else "/proxy/dicom/"
+
+    async def endpoint(request: Request, path: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        return await forward(request, op, path)
+
+    for method in ("GET", "POST"):
+        router.add_api_route(prefix + "{path:path}", endpoint, methods=[method], include_in_schema=False)
+
+
+for _op in ("wado", "qido", "stow", ""):
+    _proxy_route(_op)
+
+
+@router.get("/logs/gpu", tags=["Others"], summary=f"{RBAC_ADMIN}Get GPU Info (nvidia-smi)")
+async def api_gpu_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    if shutil.which("nvidia-smi") is None:
+        raise HTTPException(status_code=404, detail="no nvidia-smi on this server (no NVIDIA GPU driver)")
+    return await gpu_info(user)
+
+
+def install(app: FastAPI | None = None) -> bool:
+    """Put these routes in place of MONAI Label's in the running server's app."""
+    return replace_routes(router, app)

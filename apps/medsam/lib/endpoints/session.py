@@ -1,0 +1,148 @@
+"""The app's /session routes, in place of MONAI Label's own.
+
+MONAI Label's PUT /session/ keeps any bytes as a session image and, with `uncompress=true`, unpacks
+a tar archive with no filter (members named `../x` or `/x`, or links, land outside the session
+store); its GET and DELETE join the session id to the store's folder unchecked, and GET with
+`image=true` answers 500 for a DICOM series session (a folder). These routes keep the interface and:
+
+- keep a session only when its image reads whole (a file, or a DICOM series folder): else 400;
+- unpack zip and tar archives member by member, refusing paths that leave the folder, links, and
+  more than four times the upload limit unpacked;
+- accept only session ids of the form the store makes (a UUID): else 404.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import List
+
+from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from lib.endpoints import replace_routes
+from lib.endpoints.guard import DEFAULT_MAX_UPLOAD_MB
+from lib.endpoints.uploads import check_image, file_name
+from monailabel.config import RBAC_USER, settings
+from monailabel.endpoints.session import remove_session
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.others.generic import get_basename, get_mime_type
+from monailabel.utils.sessions import Sessions
+
+router = APIRouter(prefix="/session", tags=["Session"])
+
+SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+UNPACKED_PER_UPLOAD = 4  # unpacked bytes allowed per byte of the upload limit
+
+
+def check_session_id(session_id: str) -> str:
+    """The id when it has the form MONAI Label's session store gives (a UUID), else a 404."""
+    if not SESSION_ID.fullmatch(session_id):
+        raise HTTPException(status_code=404, detail=f"unknown session {session_id!r} (expired or never created)")
+    return session_id
+
+
+def _sessions() -> Sessions:
+    sessions = app_instance().sessions()
+    if sessions is None:
+        raise HTTPException(status_code=406, detail="Session Feature is Not Enabled")
+    return sessions
+
+
+def _unpack(archive: Path, folder: Path, max_bytes: int) -> None:
+    """Unpack a zip or tar archive into `folder`, or 400 (tar: Python's "data" filter refuses
+    absolute paths, `..`, links out and devices; zip: no absolute paths, `..` or links)."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for m in members:
+                if m.filename.startswith("/") or ".." in Path(m.filename).parts or (m.external_attr >> 28) == 0xA:
+                    raise HTTPException(status_code=400, detail=f"archive member {m.filename!r} leads out of the "
+                                                                "folder or is a link")
+            if sum(m.file_size for m in members) > max_bytes:
+                raise HTTPException(status_code=400, detail=f"the archive unpacks to more than {max_bytes >> 20} MB")
+            zf.extractall(folder)
+        return
+    try:
+        with tarfile.open(archive) as tf:
+            if sum(m.size for m in tf.getmembers()) > max_bytes:
+                raise HTTPException(status_code=400, detail=f"the archive unpacks to more than {max_bytes >> 20} MB")
+            tf.extractall(folder, filter="data")
+    except tarfile.FilterError as exc:
+        raise HTTPException(status_code=400, detail=f"archive refused: {exc}") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise HTTPException(status_code=400, detail=f"uncompress: not a readable zip or tar archive ({exc})") from None
+
+
+def _image_of(folder: Path) -> Path:
+    """What an unpacked archive holds: its one file, or the folder (down through lone subfolders)."""
+    while True:
+        entries = list(folder.iterdir())
+        if len(entries) != 1:
+            return folder
+        if entries[0].is_file():
+            return entries[0]
+        folder = entries[0]
+
+
+@router.put("/", summary=f"{RBAC_USER}Create new session with Image")
+def api_create_session(
+    request: Request,
+    uncompress: bool = False,
+    expiry: int = 0,
+    files: List[UploadFile] = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    sessions = _sessions()
+    if expiry < 0:
+        raise HTTPException(status_code=400, detail="expiry must be 0 (the default) or a number of seconds")
+    if uncompress and len(files) != 1:
+        raise HTTPException(status_code=400, detail="uncompress takes exactly one archive")
+    received = Path(tempfile.mkdtemp(prefix="medsam-session-"))
+    try:
+        names = [file_name(f, f"file{i}") for i, f in enumerate(files)]
+        if len(set(names)) != len(names):
+            raise HTTPException(status_code=400, detail="two uploaded files have the same name")
+        for name, upload in zip(names, files):
+            with open(received / name, "wb") as out:
+                shutil.copyfileobj(upload.file, out)
+        image = received / names[0] if len(files) == 1 else received
+        if uncompress:
+            unpacked = Path(tempfile.mkdtemp(dir=received))
+            limit = getattr(request.app.state, "max_upload_bytes", DEFAULT_MAX_UPLOAD_MB << 20)
+            _unpack(image, unpacked, UNPACKED_PER_UPLOAD * limit)
+            image = _image_of(unpacked)
+        check_image(image, "session image")
+        session_id, info = sessions.add_session(str(image), expiry, False)
+    finally:
+        shutil.rmtree(received, ignore_errors=True)
+    return {"session_id": session_id, "session_info": info.to_json()}
+
+
+@router.get("/{session_id}", summary=f"{RBAC_USER}Get Session ID")
+def api_get_session(session_id: str, update_ts: bool = False, image: bool = False,
+                    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    info = _sessions().get_session(check_session_id(session_id), update_ts=update_ts)
+    if not info:
+        raise HTTPException(status_code=404, detail=f"unknown session {session_id!r} (expired or never created)")
+    if not image:
+        return info.to_json()
+    if not os.path.isfile(info.image):
+        raise HTTPException(status_code=400, detail="this session holds a DICOM series (a folder), not one file")
+    return FileResponse(info.image, media_type=get_mime_type(info.image), filename=get_basename(info.image))
+
+
+@router.delete("/{session_id}", summary=f"{RBAC_USER}Delete Session")
+def api_remove_session(session_id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    return remove_session(check_session_id(session_id))
+
+
+def install(app: FastAPI | None = None) -> bool:
+    """Put these routes in place of MONAI Label's in the running server's app."""
+    return replace_routes(router, app)
