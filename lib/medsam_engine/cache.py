@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
@@ -21,11 +22,15 @@ class EmbeddingCache:
     """Maps a key (image, slice, preprocessing, model version) to an embedding tensor.
 
     Least recently used entries are dropped once the total exceeds `max_bytes`. Concurrent
-    requests for the same missing key compute it once: the others wait for that result.
+    requests for the same missing key compute it once: the others wait for that result. With
+    `max_computing`, at most that many keys are computed at once (each encode holds the encoder's
+    activations and, on a CPU, cores): further misses queue, while hits are answered at once.
     """
 
-    def __init__(self, max_bytes: int = 512 << 20) -> None:
+    def __init__(self, max_bytes: int = 512 << 20, max_computing: int | None = None) -> None:
         self.max_bytes = max_bytes
+        self.max_computing = max_computing
+        self._computing = threading.BoundedSemaphore(max_computing) if max_computing else nullcontext()
         self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -85,7 +90,8 @@ class EmbeddingCache:
                     self.stats.hits += 1
                 return value, True
             try:
-                value = compute()
+                with self._computing:
+                    value = compute()
                 self.put(key, value)
                 with self._lock:
                     self.stats.misses += 1

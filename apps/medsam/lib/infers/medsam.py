@@ -110,6 +110,7 @@ class MedSAMInfer(InferTask):
             "window": objects[0]["preprocessing"] if objects else None,
             "iou": objects[0]["iou"] if len(objects) == 1 else None,
             "objects": objects,
-            "cache": {"hits": result.cache_hits, "misses": result.cache_misses, "image_was_open": was_open},
+            "cache": {"hits": result.cache_hits, "misses": result.cache_misses, "image_was_open": was_open,
+                      "bytes": segmenter.cache.nbytes, "max_bytes": segmenter.cache.max_bytes},
             "latency_ms": {k: round(v, 1) for k, v in latency.items()},
         }
