@@ -23,25 +23,38 @@ def server_app() -> FastAPI | None:
     return None if module is None else module.app
 
 
-def replace_routes(router: APIRouter, app: FastAPI | None = None) -> bool:
-    """Put each of `router`'s routes in place of the running server's route with the same path and
-    method (or first, when the server has none).
+def _route_lists(app: FastAPI) -> list[tuple[str, list]]:
+    """(prefix, route list) pairs that may hold MONAI Label's routes: the app's own list and, where
+    FastAPI keeps an included router by reference (its `_IncludedRouter`, FastAPI 0.16x), that
+    router's list, whose paths lack the include prefix."""
+    lists: list[tuple[str, list]] = [("", app.router.routes)]
+    for entry in app.router.routes:
+        original = getattr(entry, "original_router", None)
+        if original is not None:
+            lists.append((getattr(getattr(entry, "include_context", None), "prefix", ""), original.routes))
+    return lists
 
-    Routes are looked up per request, so swapping one after start-up takes effect at once.
-    Returns False when no MONAI Label server app is loaded (e.g. the CLI or a train subprocess).
+
+def replace_routes(router: APIRouter, app: FastAPI | None = None) -> bool:
+    """Put each of `router`'s routes in place of the running server's routes with the same path and
+    method: those are removed, ours go first (Starlette takes the first match).
+
+    Ours are rebuilt bound to the app, so they see its `dependency_overrides` (see lib.endpoints.auth),
+    as the routes MONAI Label includes do. Routes are looked up per request, so this takes effect at
+    once. Returns False when no MONAI Label server app is loaded (the CLI, a train subprocess).
     """
     app = app or server_app()
     if app is None:
         return False
-    routes = app.router.routes
     for ours in router.routes:
         assert isinstance(ours, APIRoute)
-        for i, route in enumerate(routes):
-            if isinstance(route, APIRoute) and route.path == ours.path and route.methods & ours.methods:
-                routes[i] = ours
-                break
-        else:
-            routes.insert(0, ours)
+        for prefix, routes in _route_lists(app):
+            routes[:] = [r for r in routes if not (isinstance(r, APIRoute) and prefix + r.path == ours.path
+                                                   and r.methods & ours.methods)]
+        app.router.routes.insert(0, APIRoute(
+            ours.path, ours.endpoint, methods=ours.methods, name=ours.name, summary=ours.summary, tags=ours.tags,
+            include_in_schema=ours.include_in_schema, deprecated=ours.deprecated, response_model=ours.response_model,
+            dependency_overrides_provider=app))
         logger.info("MedSAM app: %s %s served by %s", ",".join(sorted(ours.methods)), ours.path,
                     ours.endpoint.__module__)
     app.openapi_schema = None

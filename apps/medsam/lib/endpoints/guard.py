@@ -1,18 +1,18 @@
-"""An ASGI middleware in front of every route: request bodies are size-limited, and URL paths with
-`.`/`..` segments, backslashes or NUL are refused.
+"""Middleware in front of every route: request bodies are size-limited (Starlette's
+RequestBodyLimitMiddleware), and URL paths with `.`/`..` segments, backslashes or NUL are refused.
 
 MONAI Label (0.8.5) reads uploads of any size into temporary files, and some of its routes join a
 URL path to a folder (/ohif/{path}, /proxy/dicom/{path}, /session/{id}); nothing there is meant to
-walk up a folder. Written here (a few lines) because Starlette and FastAPI offer no body limit.
+walk up a folder. The path check is written here (a few lines): no library refuses dot segments.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, HTTPException
-from starlette.datastructures import Headers
+from fastapi import FastAPI
 from starlette.middleware import Middleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 DEFAULT_MAX_UPLOAD_MB = 1024
 
@@ -26,50 +26,24 @@ def path_problem(path: str) -> str:
     return ""
 
 
-class RequestGuard:
-    """Answers 400 to a refused path and 413 to a body over `max_body_bytes`, before any route runs
-    (by Content-Length), or while the body is read (chunked uploads)."""
+class PathGuard:
+    """Answers 400 to a request whose decoded URL path `path_problem` refuses, before any route."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    def _too_large(self) -> str:
-        return (f"request body larger than this server's upload limit of {self.max_body_bytes >> 20} MB "
-                "(--conf max_upload_mb)")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        problem = path_problem(scope["path"])
-        length = Headers(scope=scope).get("content-length")
-        if not problem and length is not None:
-            if not length.isdigit():
-                problem = f"Content-Length {length!r} is not a number"
-            elif int(length) > self.max_body_bytes:
-                await JSONResponse({"detail": self._too_large()}, status_code=413)(scope, receive, send)
-                return
+        problem = path_problem(scope["path"]) if scope["type"] == "http" else ""
         if problem:
             await JSONResponse({"detail": problem}, status_code=400)(scope, receive, send)
             return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    # FastAPI re-raises an HTTPException met while parsing the body: the client gets a 413.
-                    raise HTTPException(status_code=413, detail=self._too_large())
-            return message
-
-        await self.app(scope, limited, send)
+        await self.app(scope, receive, send)
 
 
 def install(app: FastAPI, max_body_bytes: int) -> None:
-    """Add the guard to the running server's app, inside MONAI Label's CORS middleware (so browsers
-    can read its errors). Starlette builds the middleware stack at start-up, hence the rebuild."""
-    app.user_middleware.append(Middleware(RequestGuard, max_body_bytes=max_body_bytes))
+    """Add the body limit (a 413 once a body passes `max_body_bytes`, by Content-Length or while it
+    streams in) and the path guard to the running server's app, inside MONAI Label's CORS middleware
+    (so browsers can read their errors). Starlette builds the middleware stack at start-up, hence
+    the rebuild."""
+    app.user_middleware += [Middleware(RequestBodyLimitMiddleware, max_body_size=max_body_bytes), Middleware(PathGuard)]
     app.middleware_stack = app.build_middleware_stack()

@@ -55,29 +55,37 @@ def _sessions() -> Sessions:
     return sessions
 
 
+def _leaves(name: str) -> bool:
+    """Whether an archive member's name is absolute or climbs out with `..`."""
+    return name.startswith(("/", "\\")) or ".." in Path(name.replace("\\", "/")).parts
+
+
 def _unpack(archive: Path, folder: Path, max_bytes: int) -> None:
-    """Unpack a zip or tar archive into `folder`, or 400 (tar: Python's "data" filter refuses
-    absolute paths, `..`, links out and devices; zip: no absolute paths, `..` or links)."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            for m in members:
-                if m.filename.startswith("/") or ".." in Path(m.filename).parts or (m.external_attr >> 28) == 0xA:
-                    raise HTTPException(status_code=400, detail=f"archive member {m.filename!r} leads out of the "
-                                                                "folder or is a link")
-            if sum(m.file_size for m in members) > max_bytes:
-                raise HTTPException(status_code=400, detail=f"the archive unpacks to more than {max_bytes >> 20} MB")
-            zf.extractall(folder)
-        return
+    """Unpack a zip or tar archive into `folder`, or 400: members with absolute or `..` names,
+    links (zip; tar: Python's "data" filter also refuses links out and devices), or more than
+    `max_bytes` in all."""
     try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                members = [(m.filename, m.file_size, (m.external_attr >> 28) == 0xA) for m in zf.infolist()]
+                _check_members(members, max_bytes)
+                zf.extractall(folder)
+            return
         with tarfile.open(archive) as tf:
-            if sum(m.size for m in tf.getmembers()) > max_bytes:
-                raise HTTPException(status_code=400, detail=f"the archive unpacks to more than {max_bytes >> 20} MB")
+            _check_members([(m.name, m.size, False) for m in tf.getmembers()], max_bytes)
             tf.extractall(folder, filter="data")
     except tarfile.FilterError as exc:
         raise HTTPException(status_code=400, detail=f"archive refused: {exc}") from None
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         raise HTTPException(status_code=400, detail=f"uncompress: not a readable zip or tar archive ({exc})") from None
+
+
+def _check_members(members: list[tuple[str, int, bool]], max_bytes: int) -> None:
+    for name, _, is_link in members:
+        if _leaves(name) or is_link:
+            raise HTTPException(status_code=400, detail=f"archive member {name!r} leads out of the folder or is a link")
+    if sum(size for _, size, _ in members) > max_bytes:
+        raise HTTPException(status_code=400, detail=f"the archive unpacks to more than {max_bytes >> 20} MB")
 
 
 def _image_of(folder: Path) -> Path:
