@@ -15,7 +15,7 @@ from engine_helpers import TINY_VIT_SPEC, tiny_sam
 from medsam_engine import MODEL_REGISTRY, ModelLoadError, Segmenter, SlicePrompt, load_model
 from medsam_engine.geometry import Fit
 from medsam_engine.imageio import read_image, write_label
-from medsam_engine.models import InputGeometry, build_medsam_lite, build_sam_vit, file_sha256
+from medsam_engine.models import InputGeometry, SamModel, build_medsam_lite, build_sam_vit, file_sha256
 
 
 def test_registry_names() -> None:
@@ -49,6 +49,29 @@ def test_lite_from_an_explicit_checkpoint_has_the_same_version(lite_model) -> No
     assert explicit.version == lite_model.version  # the bundled digest is the file's digest
     for (name, a), (_, b) in zip(lite_model.net.state_dict().items(), explicit.net.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("graph", ["traced", "eager"])
+def test_encoder_variants_agree_with_eager_fp32(lite_model, graph: str) -> None:
+    """The traced encoder (the CPU default) and eager bf16 give the eager fp32 embedding, and each
+    variant has its own cache identity."""
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    variant = build_medsam_lite(device="cpu")
+    variant.precision, variant.graph = "fp32", "eager"
+    reference = variant.encode(image)
+    ids = {variant.cache_id}
+    variant.precision, variant.graph = ("fp32", "traced") if graph == "traced" else ("bf16", "eager")
+    embedding = variant.encode(image)
+    ids.add(variant.cache_id)
+    assert len(ids) == 2
+    tolerance = 1e-4 if graph == "traced" else 0.1
+    assert (embedding.float() - reference).abs().max() < tolerance
+    assert not torch.equal(variant.encode(image * 0.5), embedding)  # the traced graph depends on its input
+
+
+def test_bad_graph_is_refused() -> None:
+    with pytest.raises(ModelLoadError, match="graph must be one of"):
+        SamModel("m", torch.nn.Identity(), InputGeometry(8, True), "v", graph="onnx")
 
 
 # ---- the ViT path with a tiny random SAM -------------------------------------------------------

@@ -85,5 +85,5 @@ def test_bench_reports_engine_figures(tiny_datastore: Path, tmp_path: Path) -> N
         assert figures[key] > 0 and key in result.stdout
     assert figures["volume_slices"] == 3
     assert figures["cpu_count"] >= 1 and figures["torch_threads"] >= 1 and figures["device"] == "cpu"
-    assert set(figures["variants"]) == {"fp32", "bf16"}
+    assert set(figures["variants"]) == {"fp32-eager", "bf16-eager", "fp32-traced"}
     assert figures["volume_dsc"] > 0.5

@@ -96,7 +96,7 @@ class SegmenterPool:
 
     def describe(self) -> dict:
         loaded = {name: {"version": s.model.version, "device": str(s.model.device), "input_size": s.model.geometry.size,
-                         "encoder_precision": s.model.precision}
+                         "encoder": s.model.encoder_variant}
                   for name, s in self._segmenters.items()}
         return {"default": self.default, "loaded": loaded, "registered": sorted(MODEL_REGISTRY),
                 "published": str(self.published) if self.published else None,

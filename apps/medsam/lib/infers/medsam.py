@@ -103,7 +103,7 @@ class MedSAMInfer(InferTask):
         return {
             "label_names": {name: LABEL_VALUE},
             "model": {"name": segmenter.model.name, "version": segmenter.model.version,
-                      "encoder_precision": segmenter.model.precision},
+                      "encoder": segmenter.model.encoder_variant},
             "mode": translation.mode,
             "modality": result.modality,
             "volume_ml": round(result.volume_ml, 3),
