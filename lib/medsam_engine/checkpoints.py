@@ -11,6 +11,7 @@ training killed at any point leaves the served weights as they were.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -25,10 +26,15 @@ from .models import file_sha256
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write {"model": state_dict, "meta": meta} atomically (temporary file, then rename)."""
+    """Write {"model": state_dict, "meta": meta} atomically (temporary file, then rename).
+
+    Serialised in memory first: torch's file writer reports a failed write (a full disk) as
+    "unexpected pos", without the reason; a plain write raises OSError naming it."""
     path = Path(path)
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: torch.save({"model": cpu_state, "meta": meta}, tmp))
+    buffer = io.BytesIO()
+    torch.save({"model": cpu_state, "meta": meta}, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
     return path
 
 

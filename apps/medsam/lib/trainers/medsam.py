@@ -8,16 +8,20 @@ shows the subprocess's log and `GET /info/` the stats below (also as a PNG besid
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from medsam_engine import EngineInputError
-from medsam_engine.checkpoints import read_json
+from medsam_engine.atomicio import remove_stale_temps
+from medsam_engine.checkpoints import read_json, reconcile_manifest
 from medsam_engine.datastore import Case
 from medsam_engine.training import TrainConfig, spawned_worker, train
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
@@ -61,6 +65,21 @@ def _option(request: dict, key: str, kind: type) -> Any:
                                                                  f"got {value!r}") from None
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_AT_START = os.getppid()
+
+
+def _die_with_server() -> None:
+    """In MONAI Label's train subprocess: be killed when the server dies (kill -9, OOM), so an
+    orphaned run does not go on using the CPU and publish weights behind a restarted server.
+    Written by hand because no installed library wraps prctl; Linux only (elsewhere a no-op)."""
+    if "monailabel.app" in sys.modules or not sys.platform.startswith("linux"):
+        return  # in the server itself (run_sync=true), or not Linux
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != PARENT_AT_START:  # the server died before the line above
+        os._exit(1)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -78,6 +97,17 @@ class MedSAMTrain(TrainTask):
         self.stats_path = self.model_dir / "train_stats.json"
         self.served_checkpoint = served_checkpoint
         self.device = device
+        self._recover()
+
+    def _recover(self) -> None:
+        """After a crash: delete checkpoint temporaries whose writer is gone, and point the
+        manifest at the weights actually served (a publish killed before its manifest)."""
+        for stale in remove_stale_temps(self.model_dir, recursive=True):
+            logger.warning("removed %s, left by a checkpoint write that did not finish", stale)
+        try:
+            reconcile_manifest(self.publish_path)
+        except OSError:  # a full disk: serving does not need the manifest
+            logger.exception("could not update the manifest of %s", self.publish_path)
 
     def config(self) -> dict:
         return dict(DEFAULTS)
@@ -96,6 +126,7 @@ class MedSAMTrain(TrainTask):
         return info
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
+        _die_with_server()
         cases = self._cases(datastore)
         cfg = TrainConfig(
             output_dir=self.model_dir / "runs" / time.strftime("%Y%m%d_%H%M%S"),
