@@ -1,0 +1,183 @@
+"""What the fault tests (test_hardening_faults.py) rely on, without a server: atomic writes and
+the removal of temporaries a killed writer left, the manifest pointing at the served weights after
+a publish killed half-way, the app's datastore under a real write failure, and the cache's bound on
+concurrent encodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app_helpers import REPO_ROOT, SAMPLE_DIR
+from medsam_engine.atomicio import TEMP_SUFFIX, atomic_write, remove_stale_temps, staged
+from medsam_engine.cache import EmbeddingCache
+from medsam_engine.checkpoints import manifest_path, publish, reconcile_manifest
+from medsam_engine.models import file_sha256
+
+sys.path.insert(0, str(REPO_ROOT / "apps" / "medsam"))
+
+from lib.datastore.local import AtomicLocalDatastore  # noqa: E402
+
+
+def _temps(root: Path) -> list[Path]:
+    return list(root.rglob(f"*{TEMP_SUFFIX}"))
+
+
+def test_atomic_write_that_fails_keeps_the_old_file_and_no_temporary(tmp_path: Path):
+    target = tmp_path / "label.nii.gz"
+    target.write_bytes(b"old")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_bytes(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(target, half_then_fail)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["label.nii.gz"]
+    with staged(tmp_path / "a.json") as a, staged(target) as b:  # two files, both written before either rename
+        a.write_text("{}")
+        b.write_bytes(b"new")
+        assert not (tmp_path / "a.json").exists() and target.read_bytes() == b"old"
+    assert target.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["a.json", "label.nii.gz"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path: Path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".x.nii.gz.{int(dead.stdout)}-0123abcd.k2j4.partial",
+            "live": f".x.nii.gz.{live.pid}-0123abcd.k2j4.partial",
+            "earlier_self": f".x.nii.gz.{os.getpid()}-0123abcd.k2j4.partial",  # same pid, another process
+            "not_ours": ".x.nii.gz.partial",
+        }
+        for name in names.values():
+            (tmp_path / "labels" / name).mkdir(parents=True)
+            (tmp_path / "labels" / name / "x.nii.gz").write_bytes(b"half")
+        with staged(tmp_path / "labels" / "y.nii.gz") as mine:
+            mine.write_bytes(b"being written")
+            removed = remove_stale_temps(tmp_path, recursive=True)
+        assert sorted(p.name for p in removed) == sorted([names["dead"], names["earlier_self"]])
+        assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == \
+            sorted([names["live"], names["not_ours"], "y.nii.gz"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_manifest_follows_the_served_file_after_a_publish_killed_before_its_manifest(tmp_path: Path):
+    served = tmp_path / "model" / "medsam-lite.pt"
+    first = publish(served, {"w": torch.zeros(3)}, "medsam-lite", {"epoch": 1})
+    before = manifest_path(served).read_text()
+    second = publish(served, {"w": torch.ones(3)}, "medsam-lite", {"epoch": 2})
+    assert reconcile_manifest(served) == second  # consistent: nothing to do
+
+    manifest_path(served).write_text(before)  # as if killed after the served file was replaced
+    entry = reconcile_manifest(served)
+    assert entry["version"] == second["version"] == f"medsam-lite@{file_sha256(served)[:12]}"
+    assert entry["number"] == 2 and entry["epoch"] == 2 and entry["file"] == second["file"]
+    manifest = json.loads(manifest_path(served).read_text())
+    assert manifest["current"] == entry and [e["number"] for e in manifest["history"]] == [1, 2]
+    assert first["version"] != entry["version"]
+    assert reconcile_manifest(tmp_path / "none.pt") is None
+
+
+# The app's datastore in a process whose files may not grow past 1 MB (RLIMIT_FSIZE: EFBIG, a
+# real write failure without a mount): a 4 MB label over the sample's fails, then a small one is saved.
+SAVE_UNDER_LIMIT = r"""
+import hashlib, json, pathlib, resource, sys
+sys.path.insert(0, sys.argv[1])
+from lib.datastore.local import AtomicLocalDatastore, StorageError
+studies, big, small = map(pathlib.Path, sys.argv[2:5])
+store = AtomicLocalDatastore(str(studies), auto_reload=False)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+state = lambda: {"label": hashlib.sha256((studies / "labels/final/ct_3mm.nii.gz").read_bytes()).hexdigest(),
+                 "config": (studies / "datastore_v2.json").read_text(), "files": sorted(map(str, studies.rglob("*"))),
+                 "info": store.get_label_info("ct_3mm", "final")}
+before = state()
+try:
+    store.save_label("ct_3mm", str(big), "final", {"user": "big"})
+    error = None
+except StorageError as exc:
+    error = [exc.errno, str(exc)]
+after_error = state()
+store.save_label("ct_3mm", str(small), "final", {"user": "small"})
+print(json.dumps({"error": error, "unchanged": before == after_error}))
+"""
+
+
+def test_datastore_write_failure_changes_nothing_then_saving_works(tmp_path: Path):
+    studies = tmp_path / "studies"
+    shutil.copytree(SAMPLE_DIR, studies)
+    big = tmp_path / "big.nii.gz"
+    big.write_bytes(os.urandom(4 << 20))
+    small = SAMPLE_DIR / "labels" / "final" / "mr_3mm.nii.gz"
+    done = subprocess.run([sys.executable, "-c", SAVE_UNDER_LIMIT, str(REPO_ROOT / "apps" / "medsam"), str(studies),
+                           str(big), str(small)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["error"][0] == 27 and "could not store label ct_3mm.nii.gz: File too large" in result["error"][1]
+    assert result["unchanged"]  # label file, JSON, listing, and no file left behind
+    label = studies / "labels" / "final" / "ct_3mm.nii.gz"
+    assert label.read_bytes() == small.read_bytes()  # the next save went through
+    config = json.loads((studies / "datastore_v2.json").read_text())
+    assert config["objects"]["ct_3mm"]["labels"]["final"]["info"]["user"] == "small"
+    assert _temps(studies) == []
+
+
+def test_unreadable_datastore_json_is_set_aside_and_rebuilt_and_extension_change_replaces(tmp_path: Path):
+    studies = tmp_path / "studies"
+    shutil.copytree(SAMPLE_DIR, studies)
+    (studies / "datastore_v2.json").write_text('{"name": "half-writ')  # as MONAI Label's own datastore leaves it
+    store = AtomicLocalDatastore(str(studies), auto_reload=False)
+    assert sorted(store.get_labeled_images()) == ["ct_3mm", "ct_512", "mr_3mm"]
+    assert len(list(studies.glob("datastore_v2.json.unreadable-*"))) == 1
+    json.loads((studies / "datastore_v2.json").read_text())
+
+    nrrd = tmp_path / "label.nrrd"
+    nrrd.write_bytes(b"NRRD0004\n")  # the datastore stores files; checking them is the endpoint's job
+    store.save_label("mr_3mm", str(nrrd), "final", {})
+    finals = sorted(p.name for p in (studies / "labels" / "final").iterdir())
+    assert finals == ["ct_3mm.nii.gz", "ct_512.nii.gz", "mr_3mm.nrrd"]  # not the old mr_3mm.nii.gz beside it
+    assert store.get_label_uri("mr_3mm", "final").endswith("mr_3mm.nrrd")
+
+
+def test_cache_bounds_concurrent_computes_and_answers_hits_meanwhile():
+    cache = EmbeddingCache(max_bytes=1 << 20, max_computing=2)
+    cache.put("hot", torch.zeros(4))
+    release = threading.Event()
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def compute() -> torch.Tensor:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        release.wait(10)
+        with lock:
+            running[0] -= 1
+        return torch.ones(4)
+
+    threads = [threading.Thread(target=cache.get_or_compute, args=(f"k{i}", compute)) for i in range(5)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while running[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    value, hit = cache.get_or_compute("hot", compute)  # both slots busy: a hit does not wait
+    assert hit and time.monotonic() - started < 1.0
+    time.sleep(0.2)
+    assert running[0] == 2  # the other three misses queue
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert peak[0] == 2 and all(f"k{i}" in cache for i in range(5))
