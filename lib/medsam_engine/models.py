@@ -73,6 +73,9 @@ class SamModel:
             raise ModelLoadError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
         self._traced: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
         self._trace_lock = threading.Lock()
+        # The decoder's transposed convolutions (64 -> 256 px upscaling) ran in 0.35x the time
+        # channels-last on the CPU, about a fifth of a decode (measured with one thread: 40 -> 14 ms).
+        self.net.mask_decoder.output_upscaling.to(memory_format=torch.channels_last)
 
     @property
     def encoder_variant(self) -> str:

@@ -358,6 +358,7 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_model(cfg.model, cfg.checkpoint, str(device))
+    model.net.to(memory_format=torch.contiguous_format)  # inference's channels-last layout; DDP buckets want contiguous
     segmenter = Segmenter(model)
     net = PromptedSam(model.net, cfg.freeze_norm_stats).to(device)
     trained = net
