@@ -9,7 +9,9 @@ Differences from `monailabel.datastore.dicom.DICOMWebDatastore` as MONAI Label s
 - all image series are listed (MONAI Label's default search filter is CT only), without the
   PACS's non-image series (SEG, SR, RTSTRUCT...); MONAI_LABEL_DICOMWEB_SEARCH_FILTER still applies
   when set to anything but MONAI Label's default;
-- each series' DICOM Modality is kept, so the infer task can preprocess by it.
+- each series' DICOM Modality is kept, so the infer task can preprocess by it;
+- the local cache (converted series, label copies for training, its JSON) is written atomically,
+  as the local datastore is (local.py): a crash mid-write does not stop the next start.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydicom.dataset import Dataset
 from medsam_engine import EngineInputError
 from medsam_engine.preprocess import normalise_modality
 
+from lib.datastore.local import AtomicLocalDatastore
 from lib.datastore.seg import read_label, read_series, write_seg
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
@@ -51,7 +54,7 @@ class StoreFailed(RuntimeError):
     """The DICOMweb server did not store the SEG."""
 
 
-class MedSAMDICOMwebDatastore(DICOMWebDatastore):
+class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
     def __init__(self, client: DICOMwebClient, search_filter: Dict[str, Any], **kwargs: Any) -> None:
         self._modalities: Dict[str, str] = {}
         super().__init__(client=client, search_filter=search_filter, **kwargs)
@@ -132,7 +135,7 @@ class MedSAMDICOMwebDatastore(DICOMWebDatastore):
         os.close(fd)
         try:
             sitk.WriteImage(label, path, True)
-            return LocalDatastore.save_label(self, image_id, path, label_tag, label_info)
+            return AtomicLocalDatastore.save_label(self, image_id, path, label_tag, label_info)
         finally:
             os.unlink(path)
 
