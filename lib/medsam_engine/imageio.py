@@ -100,7 +100,11 @@ def _check_nifti_complete(path: Path) -> None:
 
     import nibabel as nib
 
-    data = nib.load(str(path)).dataobj  # reads the header only; the data stays on disk
+    try:
+        data = nib.load(str(path)).dataobj  # reads the header only; the data stays on disk
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError):
+        # A header cut short in a .gz: SimpleITK read it (zero-filled), nibabel does not.
+        raise EngineInputError(f"cannot read image {path.name}: the file is truncated or corrupt") from None
     needed = int(data.offset) + data.dtype.itemsize * int(np.prod(data.shape))
     if path.name.lower().endswith(".gz"):
         length = 0
