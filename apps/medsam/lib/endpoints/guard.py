@@ -43,7 +43,5 @@ class PathGuard:
 def install(app: FastAPI, max_body_bytes: int) -> None:
     """Add the body limit (a 413 once a body passes `max_body_bytes`, by Content-Length or while it
     streams in) and the path guard to the running server's app, inside MONAI Label's CORS middleware
-    (so browsers can read their errors). Starlette builds the middleware stack at start-up, hence
-    the rebuild."""
+    (so browsers can read their errors). Takes effect when the middleware stack is built again."""
     app.user_middleware += [Middleware(RequestBodyLimitMiddleware, max_body_size=max_body_bytes), Middleware(PathGuard)]
-    app.middleware_stack = app.build_middleware_stack()

@@ -16,10 +16,7 @@ route keeps its interface and its parts (the app's `infer`, sessions, `send_resp
 from __future__ import annotations
 
 import logging
-import os
-import pathlib
-import shutil
-import tempfile
+from contextlib import ExitStack
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
@@ -28,7 +25,7 @@ from medsam_engine import EngineInputError
 
 from lib.endpoints import json_object, replace_routes
 from lib.endpoints.session import check_session_id
-from lib.endpoints.uploads import check_header
+from lib.endpoints.uploads import check_header, saved
 from lib.datastore import series_modality
 from lib.infers.medsam import MODEL_PARAM
 from monailabel.config import RBAC_USER, settings
@@ -37,7 +34,6 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
-from monailabel.utils.others.generic import remove_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +51,14 @@ def parse_params(text: str) -> dict[str, Any]:
     return params
 
 
-def _upload(file: UploadFile, background_tasks: BackgroundTasks) -> str:
-    suffix = "".join(pathlib.Path(file.filename).suffixes) if file.filename else ".nii.gz"
-    fd, path = tempfile.mkstemp(prefix="medsam-upload-", suffix=suffix)
-    with os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(file.file, out)
-    background_tasks.add_task(remove_file, path)
-    check_header(path)
-    return path
-
-
 def resolve_image(instance: MONAILabelApp, image: str, session_id: str, file: UploadFile | None,
-                  background_tasks: BackgroundTasks) -> str:
-    """The server path of the image to segment: an upload, a session's image, or a datastore id."""
+                  files: ExitStack) -> str:
+    """The server path of the image to segment: an upload (kept until `files` closes), a session's
+    image, or a datastore id."""
     if file:
-        return _upload(file, background_tasks)
+        path = files.enter_context(saved(file))
+        check_header(path)
+        return str(path)
     if session_id:
         session = instance.sessions().get_session(check_session_id(session_id)) if instance.sessions() else None
         if not session:
@@ -101,17 +90,18 @@ def api_run_inference(
     instance: MONAILabelApp = app_instance()
     request = parse_params(params)
     request["model"] = model
-    request["image"] = resolve_image(instance, image, session_id, file, background_tasks)
-    if image and not file and not session_id and not request.get("modality"):
-        request["modality"] = series_modality(instance.datastore(), image)  # a DICOM series' own Modality
-    logger.info("Infer Request: %s", request)
-    try:
-        result = instance.infer(request)
-    except EngineInputError as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from None
-    except MONAILabelException as exc:
-        status = 404 if exc.error == MONAILabelError.INVALID_INPUT else 500
-        raise HTTPException(status_code=status, detail=exc.msg) from None
+    with ExitStack() as files:  # an uploaded image is removed once inference is done, failed or not
+        request["image"] = resolve_image(instance, image, session_id, file, files)
+        if image and not file and not session_id and not request.get("modality"):
+            request["modality"] = series_modality(instance.datastore(), image)  # a DICOM series' own Modality
+        logger.info("Infer Request: %s", request)
+        try:
+            result = instance.infer(request)
+        except EngineInputError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        except MONAILabelException as exc:
+            status = 404 if exc.error == MONAILabelError.INVALID_INPUT else 500
+            raise HTTPException(status_code=status, detail=exc.msg) from None
     return send_response(instance.datastore(), result, output, background_tasks)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from lib.endpoints import auth, datastore, files, guard, infer, label, server_app, session, tasks
+from lib.endpoints import auth, datastore, errors, files, guard, infer, label, server_app, session, tasks
 
 
 def install(max_upload_bytes: int) -> bool:
     """Put the app's routes in place of MONAI Label's, limit request bodies to `max_upload_bytes`,
-    and check tokens when MONAI Label's auth is on. False when no server app is loaded (the CLI,
+    refuse URL paths that walk up, answer 422 to any invalid input, and check tokens when MONAI
+    Label's auth is on. False when no server app is loaded (the CLI,
     a train subprocess)."""
     app = server_app()
     if app is None:
@@ -16,5 +17,7 @@ def install(max_upload_bytes: int) -> bool:
     for module in (infer, label, datastore, session, tasks, files):
         module.install(app)
     auth.install(app)
+    errors.install(app)
     guard.install(app, max_upload_bytes)
+    app.middleware_stack = app.build_middleware_stack()  # Starlette built it at start-up, without the above
     return True

@@ -21,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import SimpleITK as sitk
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
 from medsam_engine import EngineInputError
@@ -41,8 +43,9 @@ router = APIRouter(prefix="/datastore", tags=["Datastore"])
 
 
 def check_label_file(path: Path) -> None:
-    """400 unless the label file's header reads, declares a sane size and (NIfTI) holds every voxel:
-    SimpleITK fills a truncated NIfTI with zeros instead of failing; the engine's reader checks."""
+    """400 unless the label file's header reads, declares a sane size and (NIfTI) holds every voxel,
+    all finite: SimpleITK fills a truncated NIfTI with zeros, and reads NaN and inf in one as 0,
+    instead of failing; the engine's reader checks the first, nibabel (which keeps them) the second."""
     if path.name.endswith(".bin"):  # OHIF's raw voxels: checked against the image's size when read
         return
     check_header(path, "label")
@@ -51,6 +54,11 @@ def check_label_file(path: Path) -> None:
             read_image(path)
         except EngineInputError as exc:
             raise HTTPException(status_code=400, detail=f"label refused, nothing stored: {exc}") from None
+    if extension_of(path) in (".nii", ".nii.gz"):
+        data = nib.load(str(path)).dataobj
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(np.asanyarray(data)).all():
+            raise HTTPException(status_code=400, detail="label refused, nothing stored: label values must be finite "
+                                                        "numbers (it holds NaN or infinity)")
 
 
 def save_local_label(datastore: Datastore, image: str, path: Path, tag: str, params: dict) -> str:

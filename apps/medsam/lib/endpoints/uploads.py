@@ -66,9 +66,22 @@ def check_header(path: str | os.PathLike, what: str = "image") -> sitk.ImageFile
 def check_image(path: str | os.PathLike, what: str = "image") -> None:
     """400 unless the file (or folder: a DICOM series) is an image the engine reads whole (header,
     size, every voxel there), with the reader inference uses."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        check_series(path, what)
+    else:
+        check_header(path, what)
     try:
-        if not pathlib.Path(path).is_dir():
-            check_header(path, what)
         VolumeCache(max_items=1).get(path)
     except EngineInputError as exc:
-        raise HTTPException(status_code=400, detail=f"{what}: {exc}") from None
+        raise HTTPException(status_code=400, detail=f"{what}: {str(exc).replace(str(path.parent) + os.sep, '')}") from None
+
+
+def check_series(folder: pathlib.Path, what: str = "image") -> None:
+    """400 unless every file in the folder is a slice of one DICOM series: GDCM leaves out a file it
+    cannot read (a truncated slice) and reads the rest, so a count is the check."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    series = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))
+    if len(series) != len(files):
+        raise HTTPException(status_code=400, detail=f"{what}: {len(files) - len(series)} of the {len(files)} files "
+                                                    "are not readable slices of one DICOM series")
