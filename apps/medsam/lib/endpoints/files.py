@@ -50,7 +50,7 @@ async def forward(request: Request, op: str, path: str):
     decoded, previous = path, None
     while decoded != previous:  # %252e%252e is `..` once the PACS decodes it too
         previous, decoded = decoded, unquote(decoded)
-    if path_problem(decoded) or decoded.startswith("/"):
+    if path_problem(decoded):
         raise HTTPException(status_code=400, detail=f"proxy path {path!r} leaves the DICOMweb root")
     try:
         return await proxy_dicom(request, op, path)
