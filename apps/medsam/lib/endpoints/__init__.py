@@ -37,7 +37,7 @@ def _route_lists(app: FastAPI) -> list[tuple[str, list]]:
 
 def replace_routes(router: APIRouter, app: FastAPI | None = None) -> bool:
     """Put each of `router`'s routes in place of the running server's routes with the same path and
-    method: those are removed, ours go first (Starlette takes the first match).
+    method: those are removed, ours go first, in their order (Starlette takes the first match).
 
     Ours are rebuilt bound to the app, so they see its `dependency_overrides` (see lib.endpoints.auth),
     as the routes MONAI Label includes do. Routes are looked up per request, so this takes effect at
@@ -46,17 +46,19 @@ def replace_routes(router: APIRouter, app: FastAPI | None = None) -> bool:
     app = app or server_app()
     if app is None:
         return False
+    bound = []
     for ours in router.routes:
         assert isinstance(ours, APIRoute)
         for prefix, routes in _route_lists(app):
             routes[:] = [r for r in routes if not (isinstance(r, APIRoute) and prefix + r.path == ours.path
                                                    and r.methods & ours.methods)]
-        app.router.routes.insert(0, APIRoute(
+        bound.append(APIRoute(
             ours.path, ours.endpoint, methods=ours.methods, name=ours.name, summary=ours.summary, tags=ours.tags,
             include_in_schema=ours.include_in_schema, deprecated=ours.deprecated, response_model=ours.response_model,
             dependency_overrides_provider=app))
         logger.info("MedSAM app: %s %s served by %s", ",".join(sorted(ours.methods)), ours.path,
                     ours.endpoint.__module__)
+    app.router.routes[:0] = bound  # in the router's order: /proxy/dicom/qido/{path} before /proxy/dicom/{path}
     app.openapi_schema = None
     return True
 
