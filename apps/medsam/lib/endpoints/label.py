@@ -48,7 +48,10 @@ def check_label_file(path: Path) -> None:
     instead of failing; the engine's reader checks the first, nibabel (which keeps them) the second."""
     if path.name.endswith(".bin"):  # OHIF's raw voxels: checked against the image's size when read
         return
-    check_header(path, "label")
+    try:
+        check_header(path, "label")
+    except HTTPException as exc:
+        raise HTTPException(status_code=exc.status_code, detail=f"label refused, nothing stored: {exc.detail}") from None
     if extension_of(path) in VOLUME_EXTENSIONS:
         try:
             read_image(path)
