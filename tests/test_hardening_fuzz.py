@@ -555,5 +555,7 @@ def test_zz_no_server_errors_in_all_cases(request):
         reporter.write_line(summary)
     print(summary)
     request.node.user_properties.append(("fuzz_summary", summary))
+    if TALLY.tried == 0:
+        pytest.skip("run with the fuzz tests above it")
     assert TALLY.tried > 1000, summary
     assert TALLY.failures == [], summary + "\n" + "\n".join(TALLY.failures[:20])
