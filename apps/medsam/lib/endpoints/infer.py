@@ -9,7 +9,9 @@ route keeps its interface and its parts (the app's `infer`, sessions, `send_resp
   an unknown image id, session or task, each with a message saying what is wrong;
 - resolves image ids through the datastore only (an upload or a session is the way to send a file),
   and session ids only as ids of the session store (`check_session_id`);
-- reads no uploaded file whose header declares an absurd size (`check_header`);
+- reads no uploaded file whose header declares an absurd size (`check_header`), and removes an
+  uploaded file when the request ends, failed or not (MONAI Label's background task, which runs
+  only after a reply, left it in the temporary folder whenever inference failed);
 - is a plain function, which FastAPI runs in its thread pool: the server keeps answering.
 """
 
