@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -43,7 +44,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
                        device=args.device, repeats=args.repeats)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    if not _is_loopback(args.host):  # opening the bind address is the user asking for other hosts
+        args.conf = [("allow_remote", "true"), *(args.conf or [])]
     if args.orthanc:
         from medsam_http.stack import serve_with_orthanc
 

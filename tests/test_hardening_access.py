@@ -391,3 +391,45 @@ def test_uploads_are_size_limited(server, idp):
                             headers={**_auth(idp), "Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413, response.text
     assert server.alive()
+
+
+# ---- other hosts -------------------------------------------------------------------------------
+
+
+def _own_non_loopback_ipv4() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_loopback_check_on_client_addresses():
+    sys.path.insert(0, str(REPO_ROOT / "apps" / "medsam"))
+    from lib.endpoints.guard import is_loopback
+
+    assert all(is_loopback(a) for a in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"))
+    assert not any(is_loopback(a) for a in ("10.0.0.5", "192.0.2.2", "::ffff:10.0.0.5", "fd00::2", "", None, "host"))
+
+
+@pytest.mark.parametrize("allow_remote", [False, True], ids=["default", "allow_remote"])
+def test_stock_start_server_on_all_interfaces_serves_other_hosts_only_when_allowed(tmp_path: Path, allow_remote: bool):
+    """`monailabel start_server` binds 0.0.0.0 unless told --host: the app still answers 403 to a
+    request from a non-loopback address, until the admin sets `--conf allow_remote true`."""
+    address = _own_non_loopback_ipv4()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to come from")
+    shutil.copytree(SAMPLE_DIR, tmp_path / "studies")
+    conf = {"prefetch_slices": "0", **({"allow_remote": "true"} if allow_remote else {})}
+    with LabelServer(tmp_path / "studies", tmp_path / "server.log", conf=conf, host="0.0.0.0") as srv:
+        assert requests.get(f"http://127.0.0.1:{srv.port}/info/", timeout=30).status_code == 200
+        remote = requests.get(f"http://{address}:{srv.port}/info/", timeout=30)
+        if allow_remote:
+            assert remote.status_code == 200
+        else:
+            assert remote.status_code == 403 and "allow_remote" in remote.json()["detail"]
+            infer = requests.post(f"http://{address}:{srv.port}/infer/medsam", params={"image": "ct_3mm"}, timeout=30)
+            assert infer.status_code == 403

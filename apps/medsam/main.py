@@ -80,4 +80,4 @@ class MedSAMApp(MONAILabelApp):
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
-        install_endpoints(self.medsam.max_upload_mb << 20)
+        install_endpoints(self.medsam.max_upload_mb << 20, self.medsam.allow_remote)

@@ -15,6 +15,8 @@
     --conf auto_score true|false            MONAI Label's automatic scoring (draft_dice) at start, after
                                             training and after each next-sample (default false: each run
                                             is a subprocess loading the app; POST /scoring/draft_dice instead)
+    --conf allow_remote true|false          serve other hosts (default false: requests from addresses other
+                                            than loopback get 403, whatever --host the server binds)
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def _int(conf: Dict[str, str], key: str, default: int) -> int:
         raise ValueError(f"--conf {key} must be an integer, got {conf[key]!r}") from None
 
 
+def _bool(conf: Dict[str, str], key: str) -> bool:
+    return str(conf.get(key, "false")).strip().lower() in ("1", "true", "yes", "on")
+
+
 class MedSAM(TaskConfig):
     """The `medsam` infer and train tasks, the `diversity` and `uncertainty` strategies and the
     `draft_dice` scoring method, sharing one pool of loaded models."""
@@ -68,7 +74,8 @@ class MedSAM(TaskConfig):
         self.max_upload_mb = _int(conf, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB)
         if self.max_upload_mb < 1:
             raise ValueError(f"--conf max_upload_mb must be at least 1, got {self.max_upload_mb}")
-        self.auto_score = str(conf.get("auto_score", "false")).strip().lower() in ("1", "true", "yes", "on")
+        self.auto_score = _bool(conf, "auto_score")
+        self.allow_remote = _bool(conf, "allow_remote")
         self.volumes = VolumeCache()
         self._pool: Optional[SegmenterPool] = None
 
