@@ -22,7 +22,7 @@ SAMPLE_DIR = REPO_ROOT / "sample-datasets" / "totalseg"
 SLICER_CLIENT = Path(sys.prefix) / "monailabel" / "plugins" / "slicer" / "MONAILabel" / "MONAILabelLib" / "client.py"
 
 # Few background-encoded slices: enough to test the feature, little CPU on a shared 2-core machine.
-SERVER_CONF = {"prefetch_slices": "3"}
+SERVER_CONF = {"prefetch_slices": "3", "max_encodes": "2"}
 
 
 def start_test_server(workdir: Path) -> LabelServer:

@@ -19,6 +19,7 @@ def test_info_describes_model_labels_and_config(server):
     models = task["medsam"]["models"]
     assert models["default"] == "medsam-lite"
     assert models["loaded"]["medsam-lite"]["version"].startswith("medsam-lite@")
+    assert models["cache"]["max_encodes"] == 2  # --conf max_encodes 2 (app_helpers.SERVER_CONF)
     assert info["medsam"]["model"] == "medsam-lite" and info["medsam"]["prefetch_slices"] == 3
     assert info["datastore"]["total"] == 3
 

@@ -7,6 +7,8 @@
     --conf prefetch_slices N                slices encoded in the background per open image (0: off)
     --conf cache_mb N                       embedding cache size (default 1024)
     --conf threads N                        torch CPU threads per job (default 1, see MedSAM.infer)
+    --conf max_encodes N                    slices encoded at once (default: cores / threads on a CPU, 1 on a GPU);
+                                            other uncached requests queue, cached boxes are answered meanwhile
     --conf model_dir PATH                   fine-tuned weights, runs and train stats (default apps/medsam/model);
                                             MODEL_DIR/<model>.pt, once training publishes it, is served
     --conf auto_train_every N               start training after every N new final labels (default 0: off)
@@ -68,6 +70,7 @@ class MedSAM(TaskConfig):
         self.prefetch_slices = _int(conf, "prefetch_slices", 64)
         self.cache_bytes = _int(conf, "cache_mb", 1024) << 20
         self.threads = _int(conf, "threads", 1)
+        self.max_encodes = _int(conf, "max_encodes", 0)
         self.model_dir = conf.get("model_dir") or model_dir
         self.published = os.path.join(self.model_dir, f"{self.model}.pt")
         self.auto_train = AutoTrain(_int(conf, "auto_train_every", 0))
@@ -82,7 +85,8 @@ class MedSAM(TaskConfig):
     def pool(self) -> SegmenterPool:
         """The loaded models (the default one at first use), shared by inference and strategies."""
         if self._pool is None:
-            self._pool = SegmenterPool(self.model, self.path, self.device, self.cache_bytes, published=self.published)
+            self._pool = SegmenterPool(self.model, self.path, self.device, self.cache_bytes, published=self.published,
+                                       max_encodes=self.max_encodes or None)
         return self._pool
 
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
