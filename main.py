@@ -28,7 +28,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from medsam_engine.evaluate import evaluate
 
     evaluate(args.datastore, args.out, mode=args.mode, jitter=args.jitter, model=args.model,
-             checkpoint=args.checkpoint, device=args.device, zoom=not args.no_zoom, limit=args.limit)
+             checkpoint=args.checkpoint, device=args.device, zoom=not args.no_zoom, prior=not args.no_prior,
+             limit=args.limit)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", choices=("2d", "3d"), default="2d")
     p.add_argument("--jitter", type=float, default=0.0, help="move box edges by up to PX pixels (seeded)")
     p.add_argument("--no-zoom", action="store_true", help="disable crop-and-zoom for small boxes")
+    p.add_argument("--no-prior", action="store_true", help="disable the small-box prior (inscribed ellipse)")
     p.add_argument("--limit", type=int, help="evaluate at most this many images")
     _model_args(p)
     p.set_defaults(func=cmd_eval)

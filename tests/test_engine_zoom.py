@@ -5,6 +5,7 @@ back at the right place."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from engine_helpers import dice, make_volume
@@ -68,3 +69,23 @@ def test_zoomed_mask_lands_on_a_small_disc(lite_model) -> None:
     assert result.objects[0].zoomed_slices == 1
     assert dice(result.label[0] == 1, disc) >= 0.9
     np.testing.assert_allclose(mask_box(result.label[0] == 1), mask_box(disc), atol=2)
+
+
+# ---- the small-box prior ------------------------------------------------------------------------
+def test_box_prior_keeps_weak_logits_in_the_ellipse_and_nothing_outside_the_box() -> None:
+    from medsam_engine.prior import BoxPrior
+
+    prior = BoxPrior(max_side=40, shift=4.0)
+    logits = torch.full((20, 30), -2.0)  # weak everywhere: the model alone finds nothing
+    logits[0:3, 0:3] = 5.0  # confident, but outside the box
+    logits[5, 10] = 1.0  # a box corner, outside the ellipse: kept only on the model's own word
+    logits[6, 19] = -1.0  # a corner region outside the ellipse with a weak logit: dropped
+    out = prior.apply(logits, (10.0, 5.0, 19.0, 14.0)) > 0  # 10 x 10 box
+    assert out[9:11, 14:16].all()  # the centre: weak logits inside the ellipse are kept
+    assert not out[0:3, 0:3].any()  # outside the box: dropped however confident
+    assert out[5, 10] and not out[6, 19]
+    assert out[:5].sum() == 0 and out[15:].sum() == 0 and out[:, :10].sum() == 0 and out[:, 20:].sum() == 0
+    inside = out[5:15, 10:20]
+    assert 70 <= inside.sum() <= 85  # about pi/4 of the box, plus the kept corner
+    assert not (prior.apply(torch.full((20, 30), -5.0), (10.0, 5.0, 19.0, 14.0)) > 0).any()  # no evidence: nothing
+    assert prior.applies(39.9) and not prior.applies(40.0)

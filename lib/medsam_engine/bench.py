@@ -59,7 +59,7 @@ def _slice_dsc(seg: Segmenter, volume, label: np.ndarray, k: int) -> float:
         box = mask_box(gt)
         if box is None or box[2] - box[0] < 1 or box[3] - box[1] < 1:
             continue
-        result = seg.segment_boxes(volume, k, [box], seg.normaliser(volume, modality, None, box, k))
+        result = seg.segment_boxes(volume, k, [box], seg.normaliser(volume, modality, None, box, k), tight=True)
         scores.append(dsc(result.masks[0], gt))
     return float(np.mean(scores))
 

@@ -18,6 +18,7 @@ from .metrics import dsc, nsd
 from .models import load_model
 from .prompts import Box3DPrompt
 from .segmenter import Segmenter
+from .prior import BoxPrior
 from .zoom import ZoomRule
 
 COLUMNS = ["image", "label", "slice", "dsc", "nsd", "box_dsc", "box_nsd", "name", "box_side_model_px", "zoomed"]
@@ -74,7 +75,7 @@ def _eval_2d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator
             norm = seg.normaliser(volume, modality, None, box, k)
             groups[norm.id].append((int(value), gt, box, norm))
         for members in groups.values():
-            result = seg.segment_boxes(volume, k, [m[2] for m in members], members[0][3])
+            result = seg.segment_boxes(volume, k, [m[2] for m in members], members[0][3], tight=True)
             zoomed = [seg.zoom.crop_for(m[2], fit) is not None if seg.zoom else False for m in members]
             for (value, gt, box, _), pred, was_zoomed in zip(members, result.masks, zoomed):
                 base = filled_box(gt.shape, box)
@@ -160,14 +161,15 @@ def box_plot(rows: list[dict], path: Path) -> None:
 
 def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: float = 0.0,
              model: str = "medsam-lite", checkpoint: str | None = None, device: str | None = None,
-             zoom: bool = True, limit: int | None = None, seed: int = 0) -> dict:
+             zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0) -> dict:
     """Evaluate every labelled image; writes per_case.csv, summary.json and dsc_boxplot.png in `out`."""
     cases = list_cases(datastore)[:limit]
     if not cases:
         raise EngineInputError(f"no labelled images in {datastore}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    seg = Segmenter(load_model(model, checkpoint, device), zoom=ZoomRule() if zoom else None)
+    seg = Segmenter(load_model(model, checkpoint, device), zoom=ZoomRule() if zoom else None,
+                    prior=BoxPrior() if prior else None)
     names = label_names(datastore)
     rng = np.random.default_rng(seed)
     run = _eval_2d if mode == "2d" else _eval_3d
@@ -186,7 +188,8 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
             writer.writerow({c: (f"{row[c]:.4f}" if isinstance(row[c], float) and c != "box_side_model_px" else row[c])
                              for c in COLUMNS})
     summary = {"model": seg.model.version, "mode": mode, "jitter": jitter,
-               "zoom": vars(seg.zoom) if seg.zoom else None, **summarise(rows)}
+               "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
+               **summarise(rows)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     box_plot(rows, out / "dsc_boxplot.png")
     overall = summary["overall"]

@@ -18,6 +18,7 @@ from .models import SamModel
 from .preprocess import (KeepRGB, Normaliser, PercentileClip, auto_window, infer_modality, normalise_modality,
                          parse_window, percentile_clip)
 from .prompts import Box3DPrompt, KeySlicesPrompt, Prompt, SlicePrompt
+from .prior import BoxPrior
 from .propagation import interpolate_boxes, propagate
 from .zoom import Crop, ZoomRule
 
@@ -34,6 +35,7 @@ class ObjectResult:
     preprocessing: str
     clipped: bool
     zoomed_slices: int = 0
+    prior_slices: int = 0
 
 
 @dataclass
@@ -58,6 +60,7 @@ class SliceMasks:
     logits: torch.Tensor  # (N, H, W)
     iou: list[float]
     zoomed: int
+    prior: int = 0  # boxes given the small-box prior
 
     @property
     def masks(self) -> np.ndarray:
@@ -79,10 +82,11 @@ class Segmenter:
     """
 
     def __init__(self, model: SamModel, cache: EmbeddingCache | None = None,
-                 zoom: ZoomRule | None = ZoomRule()) -> None:
+                 zoom: ZoomRule | None = ZoomRule(), prior: BoxPrior | None = BoxPrior()) -> None:
         self.model = model
         self.cache = cache if cache is not None else EmbeddingCache()  # an empty cache is falsy
         self.zoom = zoom
+        self.prior = prior
         self._modalities: dict[str, str] = {}  # inferred modality per image key
         self._clips: dict[str, PercentileClip] = {}  # percentile bounds per image key
         self._memo_lock = threading.Lock()
@@ -156,8 +160,11 @@ class Segmenter:
 
     # ---- decoding ------------------------------------------------------------------------
     def segment_boxes(self, volume: Volume, k: int, boxes: Sequence[Box], normaliser: Normaliser,
-                      clicks: Sequence[tuple[list, list]] | None = None, tally: _Tally | None = None) -> SliceMasks:
-        """Segment N checked boxes on slice k; small boxes are zoomed into (see ZoomRule)."""
+                      clicks: Sequence[tuple[list, list]] | None = None, tally: _Tally | None = None,
+                      tight: bool = False) -> SliceMasks:
+        """Segment N checked boxes on slice k; small boxes are zoomed into (see ZoomRule) and, when
+        the boxes are `tight` (drawn around the object, not derived from a neighbour slice), given
+        the small-box prior (see BoxPrior)."""
         height, width = volume.slice_shape
         full_fit = Fit(height, width, self.model.geometry)
         logits = torch.full((len(boxes), height, width), -20.0)
@@ -185,7 +192,14 @@ class Segmenter:
                 ious[i] = float(iou[j])
             if tally:
                 tally.decode_ms += (time.perf_counter() - start) * 1000
-        return SliceMasks(logits, ious, sum(len(m) for c, m in groups.items() if c is not None))
+        prior = 0
+        if tight and self.prior:
+            sy, sx = full_fit.scale
+            for i, box in enumerate(boxes):
+                if self.prior.applies(max((box[2] - box[0] + 1) * sx, (box[3] - box[1] + 1) * sy)):
+                    logits[i] = self.prior.apply(logits[i], box)
+                    prior += 1
+        return SliceMasks(logits, ious, sum(len(m) for c, m in groups.items() if c is not None), prior)
 
     # ---- whole requests ------------------------------------------------------------------
     def segment(self, volume: Volume, prompts: Iterable[Prompt], modality: str | None = None,
@@ -222,9 +236,9 @@ class Segmenter:
             box, clipped = check_box(prompt.box, height, width)
             norm = self.normaliser(volume, modality, window, box, k)
             clicks = [(_check_clicks(prompt.foreground, height, width), _check_clicks(prompt.background, height, width))]
-            res = self.segment_boxes(volume, k, [box], norm, clicks, tally)
+            res = self.segment_boxes(volume, k, [box], norm, clicks, tally, tight=True)
             out[k][res.masks[0]] = prompt.label
-            return ObjectResult(prompt.label, 0, 0.0, [k], {k: res.iou[0]}, norm.id, clipped, res.zoomed)
+            return ObjectResult(prompt.label, 0, 0.0, [k], {k: res.iou[0]}, norm.id, clipped, res.zoomed, res.prior)
         if isinstance(prompt, Box3DPrompt):
             first, last = sorted((_check_slice(prompt.first, volume), _check_slice(prompt.last, volume)))
             box, clipped = check_box(prompt.box, height, width)

@@ -98,6 +98,7 @@ class MedSAMInfer(InferTask):
             "preprocessing": o.preprocessing,
             "clipped": o.clipped,
             "zoomed_slices": o.zoomed_slices,
+            "box_prior_slices": o.prior_slices,
         } for o in result.objects]
         name = str(request.get("label") or "medsam")
         return {
