@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .atomicio import atomic_write
 from .checkpoints import publish, save_checkpoint, write_json
 from .datastore import Case, label_names, list_cases
 from .dataset import SliceDataset, SliceSample, index_slices, split_samples, spread
@@ -317,10 +318,10 @@ def plot_curves(stats: dict, path: Path) -> None:
     right.set_ylabel("validation Dice")
     fig.suptitle(f"{stats['model']} fine-tuning, run {stats['run_id']}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _loader(dataset: SliceDataset, cfg: TrainConfig, ctx: Distributed, train: bool) -> DataLoader:
