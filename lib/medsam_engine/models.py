@@ -52,7 +52,7 @@ class SamModel:
     fp32. `graph` is how the fp32 encoder runs: "traced" (TorchScript, traced at the first encode
     and frozen, so convolutions and batch norms are folded; the weights are fixed from then on) or
     "eager". Defaults, from `main.py bench` on a 2-core Xeon (AVX512-BF16): on a CPU, traced fp32
-    (encode 0.7x of eager fp32; eager bf16 was 0.8x and moved DSC); on a GPU, eager bf16.
+    (encode 0.60x of eager fp32, DSC unchanged; eager bf16 was 0.76x); on a GPU, eager bf16.
     Environment overrides: MEDSAM_PRECISION, MEDSAM_GRAPH.
     """
 
