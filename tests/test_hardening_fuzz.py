@@ -190,6 +190,21 @@ def bad_box(draw, shape: tuple[int, int, int]) -> list:
     return box
 
 
+# Option values the app takes (names as written in the README: presets and their spellings, DICOM
+# modality codes and aliases, the served model); a fuzzed value equal to one is no bad input.
+ACCEPTED_WINDOWS = {"auto", "soft", "abdomen", "soft_tissue", "lung", "brain", "bone"}
+ACCEPTED_MODALITIES = {"CT", "MR", "XR", "US", "RGB", "OTHER", "MRI", "CR", "DX", "DR", "XRAY", "X-RAY", "MG",
+                       "ULTRASOUND", "PT", "NM", "OT"}
+
+
+def _accepted_option(option: str, value: str) -> bool:
+    if option == "window":
+        return value.strip().lower().replace(" ", "_").replace("-", "_") in ACCEPTED_WINDOWS
+    if option == "modality":
+        return value.strip().upper() in ACCEPTED_MODALITIES
+    return option == "model" and value == "medsam-lite"
+
+
 @st.composite
 def bad_prompt(draw, shape: tuple[int, int, int]) -> dict:
     """An infer request's prompt part (boxes, Slicer's roi, OHIF's clicks) with a defect."""
@@ -235,12 +250,11 @@ def bad_prompt(draw, shape: tuple[int, int, int]) -> dict:
                                                                                          max_size=2), st.just([])))}
     option, values = draw(st.sampled_from([
         ("window", st.text(alphabet=string.ascii_letters + "-_ ", min_size=1, max_size=10)),
-        ("modality", st.text(alphabet=string.ascii_lowercase + "#", min_size=1, max_size=6)),
-        ("result_extension", st.sampled_from([".png", ".dcm", ".jpg", "nrrd", "", "../x.nii.gz"])),
+        ("modality", st.text(alphabet=string.ascii_lowercase + "#-", min_size=1, max_size=6)),
+        ("result_extension", st.sampled_from([".png", ".dcm", ".jpg", ".nii.gz.png", "../x.nii.gz", "nii.zip"])),
         ("model", st.text(alphabet=string.ascii_lowercase + "-/.", min_size=1, max_size=12)),
     ]))
-    value = draw(values.filter(lambda v: v.lower() not in ("soft_tissue", "lung", "brain", "bone", "ct", "mr", "xr",
-                                                           "us", "rgb", "other", "medsam-lite")))
+    value = draw(values.filter(lambda v: not _accepted_option(option, v)))
     return {"boxes": [LIVER_24], option: value}
 
 
