@@ -13,6 +13,7 @@ import torch
 
 from engine_helpers import TINY_VIT_SPEC, tiny_sam
 from medsam_engine import MODEL_REGISTRY, ModelLoadError, Segmenter, SlicePrompt, load_model
+from medsam_engine.attention import fuse_attention
 from medsam_engine.geometry import Fit
 from medsam_engine.imageio import read_image, write_label
 from medsam_engine.models import InputGeometry, SamModel, build_medsam_lite, build_sam_vit, file_sha256
@@ -67,6 +68,24 @@ def test_encoder_variants_agree_with_eager_fp32(lite_model, graph: str) -> None:
     tolerance = 1e-4 if graph == "traced" else 0.1
     assert (embedding.float() - reference).abs().max() < tolerance
     assert not torch.equal(variant.encode(image * 0.5), embedding)  # the traced graph depends on its input
+
+
+def test_fused_decoder_attention_matches_segment_anything() -> None:
+    """The decoder's attention through the fused kernel gives segment_anything's own result, on
+    every Attention of the two-way transformer (gradients included: training runs it too)."""
+    torch.manual_seed(0)
+    stock = tiny_sam().mask_decoder
+    fused = tiny_sam().mask_decoder
+    fused.load_state_dict(stock.state_dict())
+    assert fuse_attention(fused) == 7  # 2 layers x 3 + the final token-to-image attention
+    embedding, pe = torch.randn(1, 256, 8, 8), torch.randn(1, 256, 8, 8)
+    sparse, dense = torch.randn(1, 2, 256), torch.randn(1, 256, 8, 8)
+    outputs = [decoder(image_embeddings=embedding, image_pe=pe, sparse_prompt_embeddings=sparse,
+                       dense_prompt_embeddings=dense, multimask_output=False) for decoder in (stock, fused)]
+    for a, b in zip(*outputs):
+        assert torch.allclose(a, b, atol=1e-5)
+    outputs[1][0].sum().backward()
+    assert fused.transformer.layers[0].self_attn.q_proj.weight.grad is not None
 
 
 def test_bad_graph_is_refused() -> None:

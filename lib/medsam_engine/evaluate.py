@@ -22,7 +22,7 @@ from .prior import BoxPrior
 from .zoom import ZoomRule
 
 COLUMNS = ["image", "label", "slice", "dsc", "nsd", "box_dsc", "box_nsd", "name", "box_side_model_px", "zoomed"]
-SIZE_GROUPS = ((0, 16, "<16px"), (16, 32, "16-32px"), (32, 64, "32-64px"), (64, 10 ** 9, ">=64px"))
+SIZE_GROUPS = ((0, 16, "<16px"), (16, 24, "16-24px"), (24, 32, "24-32px"), (32, 64, "32-64px"), (64, 10 ** 9, ">=64px"))
 
 
 def size_group(side_model_px: float) -> str:
@@ -117,7 +117,7 @@ def _stats(rows: list[dict], prefix: str = "") -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Median and mean DSC/NSD for the model and the filled box: overall, per image, organ, size."""
+    """Median and mean DSC/NSD for the model and the filled box: overall, per image, organ, size, image and size."""
     def both(subset: list[dict]) -> dict:
         return {"model": _stats(subset), "box": _stats(subset, "box_")}
 
@@ -130,7 +130,8 @@ def summarise(rows: list[dict]) -> dict:
     return {"overall": both(rows),
             "per_image": grouped(lambda r: r["image"]),
             "per_organ": grouped(lambda r: f"{r['image']}/{r['name']}"),
-            "per_size": grouped(lambda r: size_group(r["box_side_model_px"]))}
+            "per_size": grouped(lambda r: size_group(r["box_side_model_px"])),
+            "per_image_size": grouped(lambda r: f"{r['image']}/{size_group(r['box_side_model_px'])}")}
 
 
 def box_plot(rows: list[dict], path: Path) -> None:
