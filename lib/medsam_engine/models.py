@@ -53,7 +53,8 @@ class SamModel:
     fp32. `graph` is how the fp32 encoder runs: "traced" (TorchScript, traced at the first encode
     and frozen, so convolutions and batch norms are folded; the weights are fixed from then on) or
     "eager". Defaults, from `main.py bench` on a 2-core Xeon (AVX512-BF16): on a CPU, traced fp32
-    (encode 0.60x of eager fp32, DSC unchanged; eager bf16 was 0.76x); on a GPU, eager bf16.
+    (encode 0.60-0.62x of eager fp32 in two quiet runs, DSC unchanged; eager bf16 0.72-0.76x); on a
+    GPU, eager bf16.
     Environment overrides: MEDSAM_PRECISION, MEDSAM_GRAPH.
     """
 
