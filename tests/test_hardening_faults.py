@@ -328,6 +328,16 @@ class TmpfsDisk:
             for _ in range(free // len(block) - 1):
                 out.write(block)
 
+    def fill_all(self, server: LabelServer) -> None:
+        """No byte left: even the datastore JSON (a few KB) does not fit."""
+        self.fill(server)
+        with open(self.filler, "ab", buffering=0) as out:
+            try:
+                while True:
+                    out.write(b"\0" * 4096)
+            except OSError:
+                pass
+
     def free(self, server: LabelServer) -> None:
         self.filler.unlink()
 
@@ -353,6 +363,11 @@ class FileSizeLimit:
     def fill(self, server: LabelServer) -> None:
         _, hard = resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE)
         resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (self.limit, hard))
+
+    def fill_all(self, server: LabelServer) -> None:
+        """No file may grow at all: the datastore JSON (a few KB) cannot be written either."""
+        _, hard = resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (0, hard))
 
     def free(self, server: LabelServer) -> None:
         _, hard = resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE)
@@ -400,3 +415,67 @@ def test_full_disk_refuses_label_and_checkpoint_and_keeps_old(tmp_path: Path, di
     finally:
         servers.stop()
         disk.close()
+
+
+@pytest.mark.parametrize("disk_kind", [TmpfsDisk, FileSizeLimit], ids=["tmpfs", "rlimit"])
+def test_full_disk_refuses_info_updates_and_keeps_old(tmp_path: Path, disk_kind: type):
+    disk = disk_kind(tmp_path / "disk")
+    servers = Servers(tmp_path, disk.root / "studies")
+    updates = {"image": ("image/info", {"image": "ct_3mm"}), "label": ("label/info", {"label": "ct_3mm", "tag": "final"})}
+
+    def update(kind: str, value: str) -> requests.Response:
+        route, params = updates[kind]
+        return requests.put(f"{server.url}/datastore/{route}", params=params, data={"info": json.dumps({"note": value})},
+                            timeout=60)
+
+    def note(kind: str) -> str | None:
+        route, params = updates[kind]
+        return requests.get(f"{server.url}/datastore/{route}", params=params, timeout=30).json().get("note")
+
+    try:
+        shutil.copytree(SAMPLE_DIR, servers.studies)
+        server = servers.start()
+        config = servers.studies / "datastore_v2.json"
+        for kind in updates:
+            assert update(kind, "old").status_code == 200
+        before = config.read_bytes()
+        disk.fill_all(server)
+        for kind in updates:
+            refused = update(kind, "new")
+            assert refused.status_code == 507 and disk.error in refused.json()["detail"], refused.text
+            assert note(kind) == "old"  # the server's listing did not change either
+        assert config.read_bytes() == before and _temporaries(servers.studies) == []
+        assert server.alive()
+
+        disk.free(server)
+        for kind in updates:
+            assert update(kind, "new").status_code == 200
+            assert note(kind) == "new"
+        stored = json.loads(config.read_text())["objects"]["ct_3mm"]
+        assert stored["image"]["info"]["note"] == stored["labels"]["final"]["info"]["note"] == "new"
+    finally:
+        servers.stop()
+        disk.close()
+
+
+def test_concurrent_uploads_of_one_image_id_store_one(servers: Servers):
+    server = servers.start()
+    uploads = [SAMPLE_DIR / f"{image}.nii.gz" for image in ("ct_3mm", "mr_3mm")] * 3
+    answers: list[tuple[Path, requests.Response]] = []
+    start = threading.Barrier(len(uploads))
+
+    def upload(path: Path) -> None:
+        start.wait()
+        with open(path, "rb") as data:
+            answers.append((path, requests.put(f"{server.url}/datastore/image", params={"image": "twin"},
+                                               files={"file": (path.name, data)}, timeout=120)))
+
+    threads = [threading.Thread(target=upload, args=(path,)) for path in uploads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    codes = sorted(response.status_code for _, response in answers)
+    assert codes == [200] + [409] * (len(uploads) - 1), [response.text for _, response in answers]
+    stored = next(path for path, response in answers if response.status_code == 200)
+    assert (servers.studies / "twin.nii.gz").read_bytes() == stored.read_bytes()

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ from medsam_engine.models import file_sha256
 
 sys.path.insert(0, str(REPO_ROOT / "apps" / "medsam"))
 
-from lib.datastore.local import AtomicLocalDatastore  # noqa: E402
+from lib.datastore.local import AtomicLocalDatastore, ImageExists  # noqa: E402
 
 
 def _temps(root: Path) -> list[Path]:
@@ -149,6 +151,95 @@ def test_unreadable_datastore_json_is_set_aside_and_rebuilt_and_extension_change
     finals = sorted(p.name for p in (studies / "labels" / "final").iterdir())
     assert finals == ["ct_3mm.nii.gz", "ct_512.nii.gz", "mr_3mm.nrrd"]  # not the old mr_3mm.nii.gz beside it
     assert store.get_label_uri("mr_3mm", "final").endswith("mr_3mm.nrrd")
+
+
+def _run_together(*jobs) -> None:
+    """Run the jobs in threads started at once; re-raise the first error any of them raised."""
+    start, errors = threading.Barrier(len(jobs)), []
+
+    def run(job) -> None:
+        start.wait()
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def test_datastore_info_updates_racing_label_saves_are_all_kept(tmp_path: Path):
+    studies = tmp_path / "studies"
+    shutil.copytree(SAMPLE_DIR, studies)
+    labels = [tmp_path / f"label{i}.nii.gz" for i in range(2)]
+    for i, label in enumerate(labels):
+        label.write_bytes(os.urandom(1000 + i))  # the datastore stores files; checking them is the endpoint's job
+    store = AtomicLocalDatastore(str(studies), auto_reload=True)  # its file watcher reconciles on every rename
+    rounds = 60
+
+    def arriving(seed: int, call: Callable[[int], object]) -> Callable[[], None]:
+        """`call(i)` for each round, each after a random pause (as requests come)."""
+        def calls() -> None:
+            pause = random.Random(seed)
+            for i in range(rounds):
+                time.sleep(pause.uniform(0, 0.004))
+                call(i)
+        return calls
+
+    try:
+        _run_together(
+            arriving(0, lambda i: store.save_label("ct_3mm", str(labels[i % 2]), "final", {"round": i})),
+            arriving(1, lambda i: store.save_label("ct_512", str(labels[i % 2]), f"tag{i}", {})),
+            arriving(2, lambda i: store.update_image_info("ct_3mm", {f"image{i}": i})),
+            arriving(3, lambda i: store.update_label_info("ct_3mm", "final", {f"label{i}": i})),
+            arriving(4, lambda i: store.update_label_info("mr_3mm", "final", {f"label{i}": i})),
+        )
+    finally:
+        store._observer.stop()
+        store._observer.join()
+    reloaded = AtomicLocalDatastore(str(studies), auto_reload=False)
+    for ds in (store, reloaded):  # the listing in memory, and as stored
+        assert {f"image{i}" for i in range(rounds)} <= set(ds.get_image_info("ct_3mm"))
+        assert {f"label{i}" for i in range(rounds)} <= set(ds.get_label_info("mr_3mm", "final"))
+        assert ds.get_label_info("ct_3mm", "final")["round"] == rounds - 1
+        assert set(ds.get_labels_by_image_id("ct_512")) == {"final", *(f"tag{i}" for i in range(rounds))}
+    assert (studies / "labels" / "final" / "ct_3mm.nii.gz").read_bytes() == labels[(rounds - 1) % 2].read_bytes()
+    assert _temps(studies) == []
+
+
+def test_datastore_adds_an_image_id_once_when_racing(tmp_path: Path):
+    studies = tmp_path / "studies"
+    shutil.copytree(SAMPLE_DIR, studies)
+    store = AtomicLocalDatastore(str(studies), auto_reload=False)
+    uploads = [tmp_path / f"upload{i}.nii.gz" for i in range(8)]
+    for upload in uploads:
+        upload.write_bytes(os.urandom(20000))
+    added, refused = [], []
+
+    def add(upload: Path) -> None:
+        try:
+            store.add_image("new", str(upload), {"from": upload.name}, replace=False)
+            added.append(upload)
+        except ImageExists:
+            refused.append(upload)
+
+    _run_together(*(lambda upload=upload: add(upload) for upload in uploads))
+    assert len(added) == 1 and len(refused) == len(uploads) - 1
+    stored = studies / "new.nii.gz"
+    assert stored.read_bytes() == added[0].read_bytes()
+    for ds in (store, AtomicLocalDatastore(str(studies), auto_reload=False)):
+        assert ds.get_image_info("new")["from"] == added[0].name
+
+    store.save_label("new", str(uploads[0]), "final", {})
+    with pytest.raises(ImageExists):  # an existing image's file (sample ct_3mm) is not replaced either
+        store.add_image("ct_3mm", str(uploads[1]), {}, replace=False)
+    store.add_image("new", str(uploads[1]), {}, replace=True)  # the default, as MONAI Label's callers expect
+    assert store.get_label_uri("new", "final") and stored.read_bytes() == uploads[1].read_bytes()
 
 
 def test_cache_bounds_concurrent_computes_and_answers_hits_meanwhile():

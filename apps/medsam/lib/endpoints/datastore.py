@@ -8,7 +8,7 @@ answer 200 for ids it does not have. These routes keep the interface and:
 
 - accept only plain ids (`safe_id`) and files the engine reads whole (`check_image`): else 400;
 - refuse to replace an existing image (409) and uploads to a remote datastore (405);
-- answer 404 to unknown images and labels, 400 to malformed JSON.
+- answer 404 to unknown images and labels, 400 to malformed JSON, 507 when the disk refuses a write.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Optional
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
 from medsam_engine.imageio import IMAGE_EXTENSIONS, extension_of
 
-from lib.datastore import StorageError
+from lib.datastore import ImageExists, StorageError
 from lib.endpoints import json_object, replace_routes, safe_id
 from lib.endpoints.uploads import check_image, saved
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
@@ -73,7 +73,9 @@ def api_add_image(
         if user.username:
             info["user"] = user.username
         try:
-            return {"image": datastore.add_image(image_id, str(path), info)}
+            return {"image": datastore.add_image(image_id, str(path), info, replace=False)}
+        except ImageExists as exc:  # stored by a request that passed the check above meanwhile
+            raise HTTPException(status_code=409, detail=str(exc)) from None
         except StorageError as exc:
             raise HTTPException(status_code=507, detail=str(exc)) from None
 
@@ -115,6 +117,8 @@ def api_put_image_info(image: str, info: str = Form("{}"),
         return app_instance().datastore().update_image_info(image, values)
     except ImageNotFoundException:
         raise HTTPException(status_code=404, detail=f"unknown image id {image!r}") from None
+    except StorageError as exc:
+        raise HTTPException(status_code=507, detail=str(exc)) from None
 
 
 def known_label(label: str, tag: str) -> Datastore:
@@ -144,6 +148,8 @@ def update_label_info(label: str, tag: str, text: str, field: str, user: User):
         return app_instance().datastore().update_label_info(label, tag, values)
     except LabelNotFoundException:
         raise HTTPException(status_code=404, detail=f"no label {label!r} with tag {tag!r}") from None
+    except StorageError as exc:
+        raise HTTPException(status_code=507, detail=str(exc)) from None
 
 
 @router.put("/label/info", summary=f"{RBAC_ANNOTATOR}Update Label Info")
