@@ -51,6 +51,29 @@ def ohif_infer(url: str, image: str, params: dict, model: str = "medsam") -> req
                          headers={"accept": "application/json, multipart/form-data"}, timeout=300)
 
 
+def id_requests(image_id: str, tag: str = "final") -> list[tuple[str, str, dict]]:
+    """(method, path, keyword arguments for `requests.request`) of every route that takes a client's
+    image or label id (and label tag), sending `image_id` (and `tag`)."""
+    labelled = {"label": image_id, "tag": tag}
+    return [
+        ("POST", "/infer/medsam", {"params": {"image": image_id, "output": "json"},
+                                   "files": {"params": (None, json.dumps({"boxes": [[1, 1, 5, 5, 0]]}))}}),
+        ("GET", "/datastore/image", {"params": {"image": image_id}}),
+        ("HEAD", "/datastore/image", {"params": {"image": image_id}}),
+        ("GET", "/datastore/image/info", {"params": {"image": image_id}}),
+        ("PUT", "/datastore/image/info", {"params": {"image": image_id}, "data": {"info": "{}"}}),
+        ("DELETE", "/datastore/image", {"params": {"id": image_id}}),
+        ("PUT", "/datastore/label", {"params": {"image": image_id, "tag": tag},
+                                     "files": {"label": ("label.nii.gz", b"never read")}}),
+        ("GET", "/datastore/label", {"params": labelled}),
+        ("HEAD", "/datastore/label", {"params": {"image": image_id, "tag": tag}}),
+        ("GET", "/datastore/label/info", {"params": labelled}),
+        ("PUT", "/datastore/label/info", {"params": labelled, "data": {"info": "{}"}}),
+        ("PUT", "/datastore/updatelabelinfo", {"params": labelled, "data": {"params": "{}"}}),
+        ("DELETE", "/datastore/label", {"params": {"id": image_id, "tag": tag}}),
+    ]
+
+
 def infer_json(url: str, image: str, params: dict | str, model: str = "medsam") -> requests.Response:
     """POST an infer request asking for the JSON reply only (`params` as a dict, or raw text)."""
     text = params if isinstance(params, str) else json.dumps(params)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import requests
 
@@ -33,8 +36,8 @@ def test_ohif_page_is_served(server):
 
 BAD_REQUESTS = [
     ("unknown image id", "no_such_image", GOOD, 404, "unknown image id"),
-    ("server path as image id", str(SAMPLE_DIR / "ct_3mm.nii.gz"), GOOD, 404, "unknown image id"),
-    ("system file as image id", "/etc/hostname", GOOD, 404, "unknown image id"),
+    ("server path as image id", str(SAMPLE_DIR / "ct_3mm.nii.gz"), GOOD, 400, "not a valid id"),
+    ("system file as image id", "/etc/hostname", GOOD, 400, "not a valid id"),
     ("box outside the image", "ct_3mm", {"roi": [500, 600, 10, 20, 3, 3]}, 400, "outside"),
     ("zero-area box", "ct_3mm", {"roi": [10, 10, 20, 30, 3, 3]}, 400, "zero area"),
     ("single click", "ct_3mm", {"foreground": [[50, 50, 3]], "background": []}, 400, "single click"),
@@ -62,6 +65,30 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(server, image, params, st
     assert message in response.json()["detail"]
     assert server.alive()
     assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+
+
+def test_dicom_seg_output_is_refused_before_inference(server):
+    """MONAI Label's send_response answers 500 to output=dicom_seg after the inference (no task makes
+    a SEG result) and leaves the result file in the temporary folder; here it is a 400 up front."""
+    response = requests.post(f"{server.url}/infer/medsam", params={"image": "ct_3mm", "output": "dicom_seg"},
+                             files={"params": (None, json.dumps(GOOD))}, timeout=300)
+    assert response.status_code == 400 and "dicom_seg" in response.json()["detail"]
+
+
+def test_image_checksum_check(server):
+    """HEAD /datastore/image?check_sum=...: 200 when the stored image has that checksum ("ALGO:hex" as
+    MONAI Label's file_checksum writes it, or a bare SHA256 hex), 404 when not; stock MONAI Label 0.8.5
+    answered 404 to every checksum."""
+    data = (SAMPLE_DIR / "ct_3mm.nii.gz").read_bytes()  # the server's datastore is a copy of the samples
+    sha256, md5 = hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest()
+
+    def check(check_sum: str) -> int:
+        return requests.head(f"{server.url}/datastore/image", params={"image": "ct_3mm", "check_sum": check_sum},
+                             timeout=60).status_code
+
+    assert [check(c) for c in (f"SHA256:{sha256}", sha256, sha256.upper(), f"MD5:{md5}")] == [200] * 4
+    assert [check(c) for c in (f"SHA256:{md5}", "0" * 64, f"MD5:{sha256}")] == [404] * 3
+    assert check(f"CRC32:{md5}") == 400
 
 
 def test_unknown_task_gets_404(server):

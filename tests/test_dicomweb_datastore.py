@@ -3,6 +3,7 @@ label geometry, DICOM SEG write-back read voxel for voxel, bad labels refused, r
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from app_helpers import infer_json, ohif_infer
+from app_helpers import SAMPLE_DIR, id_requests, infer_json, ohif_infer
 from dicomweb_helpers import assert_same_grid, save_label, seg_for, seg_series, seg_to_image, series_geometry
 from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 from pydicom_seg.template import rgb_to_cielab
@@ -157,6 +158,34 @@ def test_label_for_unknown_series_is_404(dicomweb_stack, tmp_path):
     sitk.WriteImage(sitk.Image(8, 8, 2, sitk.sitkUInt8) + 1, str(path))
     response = save_label(dicomweb_stack.server.url, "1.2.3.4.5.6.7", path)
     assert response.status_code == 404 and "unknown image id" in response.json()["detail"]
+
+
+def test_ids_cannot_leave_the_cache(dicomweb_stack):
+    """MONAI Label's DICOMweb datastore joins an image or label id to its cache folder: stock, GET
+    /datastore/image?image=../../x served x.nii.gz from beside the cache (when a non-empty folder x
+    is there too). Every route that takes an id refuses one that is not a plain name (400); series
+    UIDs still pass."""
+    url, workdir = dicomweb_stack.server.url, dicomweb_stack.workdir
+    planted = workdir / "planted"  # what ../../planted names from the cache's image folder
+    (planted / "x").mkdir(parents=True)
+    (planted / "x" / "slice.dcm").write_bytes(b"planted")
+    shutil.copy(SAMPLE_DIR / "mr_3mm.nii.gz", planted / "x.nii.gz")
+    before = sorted(planted.rglob("*"))
+    for image_id in ("../../planted/x", str(planted / "x"), "../../../../planted/x"):
+        for method, path, kwargs in id_requests(image_id):
+            response = requests.request(method, f"{url}{path}", timeout=120, **kwargs)
+            case = (method, path, image_id, response.status_code, response.text[:200])
+            assert response.status_code == 400, case
+            assert method == "HEAD" or "is not a valid id" in response.json()["detail"], case
+    ct = dicomweb_stack.series["ct"]
+    for method, path, kwargs in id_requests(ct, tag="../../planted"):
+        if "tag" in kwargs["params"]:
+            response = requests.request(method, f"{url}{path}", timeout=120, **kwargs)
+            assert response.status_code == 400, (method, path, response.text[:200])
+    assert sorted(planted.rglob("*")) == before
+    assert (planted / "x.nii.gz").read_bytes() == (SAMPLE_DIR / "mr_3mm.nii.gz").read_bytes()
+    assert requests.head(f"{url}/datastore/image", params={"image": ct}, timeout=300).status_code == 200
+    assert requests.get(f"{url}/datastore/image/info", params={"image": ct}, timeout=60).status_code == 200
 
 
 def test_still_labelled_after_a_restart(dicomweb_stack, saved_ct):

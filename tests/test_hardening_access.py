@@ -33,7 +33,7 @@ import SimpleITK as sitk
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from app_helpers import REPO_ROOT, SAMPLE_DIR, bbox, organ_mask
+from app_helpers import REPO_ROOT, SAMPLE_DIR, bbox, id_requests, organ_mask
 from medsam_http.server import LabelServer
 
 ROLES = {"user": ["monailabel-user"], "annotator": ["monailabel-user", "monailabel-annotator"],
@@ -47,13 +47,15 @@ def _rsa_key() -> rsa.RSAPrivateKey:
 
 
 class IdentityProvider:
-    """A loopback stand-in for Keycloak's realm endpoint: GET <realm> -> {"public_key": base64 DER}."""
+    """A loopback stand-in for Keycloak's realm endpoint: GET <realm> -> {"public_key": base64 DER},
+    the DER of its own key unless `public_key` says what to publish."""
 
-    def __init__(self) -> None:
+    def __init__(self, public_key: str | None = None) -> None:
         self.key = _rsa_key()
         der = self.key.public_key().public_bytes(serialization.Encoding.DER,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
-        body = json.dumps({"realm": "medsam", "public_key": b64encode(der).decode()}).encode()
+        published = b64encode(der).decode() if public_key is None else public_key
+        body = json.dumps({"realm": "medsam", "public_key": published}).encode()
         self.requests = 0
 
         provider = self
@@ -246,28 +248,43 @@ def test_bad_tokens_get_401(server, idp):
     assert response.status_code == 401 and "expired" in response.json()["detail"].lower()
 
 
+def test_realm_key_that_is_no_key_gets_503(tmp_path: Path):
+    """A realm that publishes no loadable RSA key (PyJWT's InvalidKeyError, which is no
+    InvalidTokenError): 503 naming the identity provider, not a 500."""
+    realm = IdentityProvider(public_key=b64encode(b"not a key").decode())
+    (tmp_path / "studies").mkdir()
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.realm_uri}
+    try:
+        with ServeCommand(tmp_path / "studies", tmp_path / "server.log", env=env, conf={"prefetch_slices": "0"}) as srv:
+            response = requests.get(f"{srv.url}/info/", headers={"Authorization": f"Bearer {realm.token('user')}"},
+                                    timeout=30)
+            assert response.status_code == 503, response.text
+            assert realm.realm_uri in response.json()["detail"]
+    finally:
+        realm.stop()
+
+
 # ---- paths and uploads -------------------------------------------------------------------------
 
 
 def test_image_id_that_is_a_path_reads_nothing(server, idp):
-    """Stock MONAI Label reads any existing absolute path given as an image id (its /infer); no
-    route here reads a file outside the datastore, by absolute, relative or encoded path."""
+    """Stock MONAI Label reads any existing absolute path given as an image id (its /infer), and
+    its DICOMweb datastore joins any id to its cache folder; here every route that takes an image
+    or label id or a tag refuses one that is not a plain name, before any lookup (400)."""
     served = server.workdir / "studies" / "ct_3mm.nii.gz"
     outside = server.workdir / f"{MARK}-secret.nii.gz"
     shutil.copy(served, outside)
-    headers = _auth(idp)
     ids = [str(outside), f"../{outside.name}", f"..%2F{outside.name}", "/etc/hostname", "../../../../etc/hostname",
            str(served), "studies/ct_3mm", "./ct_3mm"]
+    calls = [call for image in ids for call in id_requests(image)]
+    calls += [(m, p, kw) for m, p, kw in id_requests("ct_3mm", tag="../final") if "tag" in kw["params"]]
     try:
-        for image in ids:
-            for method, path, query in (("POST", "/infer/medsam", {"image": image}),
-                                        ("GET", "/datastore/image", {"image": image}),
-                                        ("HEAD", "/datastore/image", {"image": image}),
-                                        ("GET", "/datastore/image/info", {"image": image}),
-                                        ("GET", "/datastore/label", {"label": image, "tag": "final"})):
-                response = requests.request(method, f"{server.url}{path}", params=query, headers=headers, timeout=60,
-                                            files={"params": (None, json.dumps(LIVER_24))} if method == "POST" else None)
-                assert response.status_code == 404, (method, path, image, response.status_code, response.text[:200])
+        for method, path, kwargs in calls:
+            response = requests.request(method, f"{server.url}{path}", headers=_auth(idp), timeout=60, **kwargs)
+            case = (method, path, kwargs["params"], response.status_code, response.text[:200])
+            assert response.status_code == 400, case
+            assert method == "HEAD" or "is not a valid id" in response.json()["detail"], case
+        assert outside.read_bytes() == served.read_bytes()
     finally:
         outside.unlink()
 

@@ -60,11 +60,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return Path(path)
 
 
-def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Copy `source` to `target` atomically (the old `target` stays whole until the copy is)."""
-    return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
-
-
 def _writer_alive(pid: int, token: str) -> bool:
     if pid == os.getpid():
         return token == _TOKEN

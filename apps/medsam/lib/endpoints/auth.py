@@ -44,13 +44,13 @@ def user_from_token(token: str) -> User:
 
 async def current_user(token: str = Depends(oauth2_scheme)) -> User:
     """MONAI Label's `get_current_user`, checked as above: 401 for a missing or invalid token,
-    503 when the identity provider cannot be reached."""
+    503 when the identity provider cannot be reached or publishes no usable RSA key."""
     try:
         return user_from_token(token)
     except jwt.InvalidTokenError as exc:
         raise HTTPException(status_code=status.HTTP_401_UNAUTHORIZED, detail=f"Could not validate credentials: {exc}",
                             headers={"WWW-Authenticate": "Bearer"}) from None
-    except (requests.RequestException, KeyError, ValueError) as exc:
+    except (requests.RequestException, KeyError, ValueError, jwt.InvalidKeyError) as exc:  # no key, or not one
         raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
                             detail=f"identity provider {settings.MONAI_LABEL_AUTH_REALM_URI} gave no public key: "
                                    f"{exc}") from None

@@ -8,7 +8,10 @@ route keeps its interface and its parts (the app's `infer`, sessions, `send_resp
 - answers 400 to malformed `params` and to input the task rejects (`EngineInputError`), 404 to
   an unknown image id, session or task, each with a message saying what is wrong;
 - resolves image ids through the datastore only (an upload or a session is the way to send a file),
-  and session ids only as ids of the session store (`check_session_id`);
+  plain ids only (`safe_id`: else 400), and session ids only as ids of the session store
+  (`check_session_id`);
+- answers 400 to `output=dicom_seg` before running anything: no task of this app makes a DICOM SEG
+  result (MONAI Label answered 500 after the inference, leaving the result file behind);
 - reads no uploaded file whose header declares an absurd size (`check_header`), and removes an
   uploaded file when the request ends, failed or not (MONAI Label's background task, which runs
   only after a reply, left it in the temporary folder whenever inference failed);
@@ -26,6 +29,7 @@ from fastapi.background import BackgroundTasks
 from medsam_engine import EngineInputError
 
 from lib.endpoints import json_object, replace_routes
+from lib.endpoints.datastore import image_uri
 from lib.endpoints.session import check_session_id
 from lib.endpoints.uploads import check_header, saved
 from lib.datastore import series_modality
@@ -68,14 +72,7 @@ def resolve_image(instance: MONAILabelApp, image: str, session_id: str, file: Up
         return session.image
     if not image:
         raise HTTPException(status_code=400, detail="no image: pass ?image=<id>, a file or a session_id")
-    try:
-        path = instance.datastore().get_image_uri(image)
-    except Exception as exc:  # remote datastores raise their client's errors for unknown series
-        logger.info("image %r not found in the datastore: %s", image, exc)
-        path = ""
-    if not path:
-        raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: not in this server's datastore")
-    return path
+    return image_uri(image)
 
 
 @router.post("/{model}", summary=f"{RBAC_USER}Run Inference for supported model")
@@ -89,6 +86,9 @@ def api_run_inference(
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
+    if output == ResultType.dicom_seg:
+        raise HTTPException(status_code=400, detail="output=dicom_seg is not supported by this app: use image, json "
+                                                    "or all (save a label to store it as DICOM SEG)")
     instance: MONAILabelApp = app_instance()
     request = parse_params(params)
     request["model"] = model

@@ -7,7 +7,7 @@ folder unchecked (`?tag=../..` writes outside the datastore), and runs the save,
 DICOMweb datastore writes a DICOM SEG and uploads it, inside an `async` handler that blocks the
 event loop. This route keeps its interface (form fields `params` and `label`, query `image` and
 `tag`) and answers:
-- 400 to malformed `params`, a tag that is not a plain name, and a label that is unreadable,
+- 400 to malformed `params`, an image id or tag that is not a plain name, and a label that is unreadable,
   truncated, or not on the image's grid (for a local datastore the label is checked as for DICOMweb,
   `lib.datastore.seg.read_label`, and stored as NIfTI);
 - 404 to an image the datastore does not have;
@@ -88,6 +88,7 @@ def api_save_label(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
 ):
     save_params = json_object(params)
+    image = safe_id(image, "image id")
     tag = safe_id(tag, "tag") if tag else DefaultLabelTag.FINAL.value
     if user and user.username:
         save_params["user"] = user.username

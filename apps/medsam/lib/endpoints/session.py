@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse
 
 from lib.endpoints import replace_routes
 from lib.endpoints.guard import DEFAULT_MAX_UPLOAD_MB
-from lib.endpoints.uploads import check_image, file_name
+from lib.endpoints.uploads import check_image, spool
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.session import remove_session
 from monailabel.endpoints.user.auth import RBAC, User
@@ -114,13 +114,10 @@ def api_create_session(
         raise HTTPException(status_code=400, detail="uncompress takes exactly one archive")
     received = Path(tempfile.mkdtemp(prefix="medsam-session-"))
     try:
-        names = [file_name(f, f"file{i}") for i, f in enumerate(files)]
-        if len(set(names)) != len(names):
+        paths = [spool(upload, received, f"file{i}") for i, upload in enumerate(files)]
+        if len(set(paths)) != len(paths):
             raise HTTPException(status_code=400, detail="two uploaded files have the same name")
-        for name, upload in zip(names, files):
-            with open(received / name, "wb") as out:
-                shutil.copyfileobj(upload.file, out)
-        image = received / names[0] if len(files) == 1 else received
+        image = paths[0] if len(files) == 1 else received
         if uncompress:
             unpacked = Path(tempfile.mkdtemp(dir=received))
             limit = getattr(request.app.state, "max_upload_bytes", DEFAULT_MAX_UPLOAD_MB << 20)
