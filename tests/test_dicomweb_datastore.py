@@ -57,6 +57,26 @@ def test_series_listed_through_the_server(dicomweb_stack):
     assert "itkimage2segimage" not in dicomweb_stack.server.log_tail(10_000)  # no dcmqi download tried
 
 
+def test_proxy_forwards_the_query_and_the_pacs_answer(dicomweb_stack):
+    """OHIF's DICOMweb traffic through /proxy/dicom: a QIDO search keeps its filter (MONAI Label's
+    proxy dropped the query and listed every study), WADO metadata comes back as JSON."""
+    url, ct = dicomweb_stack.server.url, dicomweb_stack.series["ct"]
+    studies = requests.get(f"{url}/proxy/dicom/qido/studies", timeout=60)
+    assert studies.status_code == 200, studies.text
+    assert len(studies.json()) >= 2
+    nobody = requests.get(f"{url}/proxy/dicom/qido/studies", params={"PatientID": "nobody-xyz"}, timeout=60)
+    assert nobody.status_code in (200, 204), nobody.text
+    assert not nobody.content.strip() or nobody.json() == []
+    study = next(s for s in studies.json() if ct in requests.get(
+        f"{url}/proxy/dicom/qido/studies/{s['0020000D']['Value'][0]}/series", timeout=60).text)
+    uid = study["0020000D"]["Value"][0]
+    metadata = requests.get(f"{url}/proxy/dicom/wado/studies/{uid}/series/{ct}/metadata", timeout=60)
+    assert metadata.status_code == 200 and metadata.headers["content-type"].startswith("application/dicom+json")
+    assert len(metadata.json()) == 20  # the CT sample's slices
+    missing = requests.get(f"{url}/proxy/dicom/wado/studies/1.2.3/series/4.5.6/metadata", timeout=60)
+    assert missing.status_code == 404
+
+
 @pytest.mark.parametrize("name, modality, preprocessing", [("ct", "CT", "window:"), ("mr", "MR", "clip:")])
 def test_modality_from_the_dicom_header(dicomweb_stack, name, modality, preprocessing):
     box = LIVER_BOX if name == "ct" else [60, 40, 200, 220, 10]

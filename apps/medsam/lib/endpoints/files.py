@@ -3,9 +3,12 @@
 - GET /ohif/{path}: MONAI Label's answers 500 for a folder (`/ohif/assets`) and, mistaking
   `os.pathsep` for `os.sep`, serves index.html for every file in a subfolder; this one serves the
   file under the OHIF folder that the path names, or index.html (OHIF routes in the browser).
-- /proxy/dicom/...: MONAI Label's answers 500 when the studies are a local folder and forwards
-  encoded `..` segments to the PACS; this one answers 404 without a DICOMweb server, 400 to a path
-  that would leave the DICOMweb root, and 502 when the PACS cannot be reached.
+- /proxy/dicom/...: MONAI Label's answers 500 when the studies are a local folder, forwards
+  encoded `..` segments to the PACS, drops the query string (a QIDO search reaches the PACS without
+  its filters) and fetches with blocking `requests` inside an `async` handler, so every OHIF fetch
+  holds up the whole server; this one answers 404 without a DICOMweb server, 400 to a path that
+  would leave the DICOMweb root, 502 when the PACS cannot be reached and 504 when it does not
+  answer in time, and forwards the query, fetching in the thread pool.
 - GET /logs/gpu: 404 instead of 500 when there is no nvidia-smi.
 """
 
@@ -17,7 +20,8 @@ from urllib.parse import unquote
 
 import requests
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 import monailabel.endpoints.ohif
 from lib.endpoints import replace_routes
@@ -30,6 +34,8 @@ from monailabel.utils.others.generic import get_mime_type
 
 router = APIRouter()
 
+PROXY_TIMEOUT_S = (10, 120)  # connect, read
+PASSED_HEADERS = {"content-type", "etag", "last-modified", "cache-control"}  # the body is sent decoded, whole
 OHIF_DIR = os.path.realpath(os.path.join(os.path.dirname(monailabel.endpoints.ohif.__file__), "static", "ohif"))
 
 
@@ -52,10 +58,36 @@ async def forward(request: Request, op: str, path: str):
         previous, decoded = decoded, unquote(decoded)
     if path_problem(decoded):
         raise HTTPException(status_code=400, detail=f"proxy path {path!r} leaves the DICOMweb root")
-    try:
+    if "googleapis.com" in settings.MONAI_LABEL_STUDIES:  # Google's token refresh: MONAI Label's proxy
         return await proxy_dicom(request, op, path)
+    url = f"{settings.MONAI_LABEL_STUDIES.rstrip('/')}/{_proxy_path(op, path)}"
+    body = await request.body() if request.method == "POST" else None
+    headers = {"Accept": request.headers.get("accept", "*/*")}
+    if body is not None:
+        headers["Content-Type"] = request.headers.get("content-type", "application/dicom")
+    try:
+        answer = await run_in_threadpool(requests.request, request.method, url, params=list(request.query_params.multi_items()),
+                                         data=body, headers=headers, auth=_pacs_auth(), timeout=PROXY_TIMEOUT_S)
+    except requests.Timeout as exc:
+        raise HTTPException(status_code=504, detail=f"the DICOMweb server did not answer in time: {exc}") from None
     except requests.RequestException as exc:
         raise HTTPException(status_code=502, detail=f"the DICOMweb server did not answer: {exc}") from None
+    kept = {name: value for name, value in answer.headers.items() if name.lower() in PASSED_HEADERS}
+    return Response(content=answer.content, status_code=answer.status_code, headers=kept)
+
+
+def _proxy_path(op: str, path: str) -> str:
+    """The path on the DICOMweb server, with MONAI Label's WADO/QIDO/STOW prefixes (OHIF asks QIDO
+    for series metadata, which is WADO's)."""
+    prefixes = {"wado": settings.MONAI_LABEL_WADO_PREFIX, "qido": settings.MONAI_LABEL_QIDO_PREFIX,
+                "stow": settings.MONAI_LABEL_STOW_PREFIX}
+    prefix = settings.MONAI_LABEL_WADO_PREFIX if op == "qido" and path.endswith("metadata") else prefixes.get(op, "")
+    return f"{prefix.strip('/')}/{path}" if prefix else path
+
+
+def _pacs_auth() -> tuple[str, str] | None:
+    user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+    return (user, password) if user and password else None
 
 
 def _proxy_route(op: str) -> None:
