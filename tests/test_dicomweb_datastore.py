@@ -3,11 +3,8 @@ label geometry, DICOM SEG write-back read voxel for voxel, bad labels refused, r
 
 from __future__ import annotations
 
-import http.client
 import shutil
-import threading
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pydicom
@@ -78,47 +75,6 @@ def test_proxy_forwards_the_query_and_the_pacs_answer(dicomweb_stack):
     assert len(metadata.json()) == 20  # the CT sample's slices
     missing = requests.get(f"{url}/proxy/dicom/wado/studies/1.2.3/series/4.5.6/metadata", timeout=60)
     assert missing.status_code == 404
-
-
-def test_proxy_fetches_leave_the_server_free(dicomweb_stack):
-    """While WADO fetches through the proxy are under way, a cheap route still answers: the proxy
-    fetches from the PACS in the thread pool. MONAI Label's fetched with blocking `requests` on the
-    event loop, so /info/, asked after the fetches, waited until they had all been read from the PACS."""
-    stack, fetches = dicomweb_stack, 10
-    address = urlsplit(stack.server.url)
-    studies = {}
-    for name, series in stack.series.items():
-        found = requests.get(f"{stack.orthanc.dicomweb_url}/series", params={"SeriesInstanceUID": series}, timeout=60)
-        studies[name] = found.json()[0]["0020000D"]["Value"][0]
-    answered, lock, sizes = [], threading.Lock(), {}
-
-    def read(i: int, conn: http.client.HTTPConnection) -> None:
-        answer = conn.getresponse()  # the proxy answers once it has the PACS's whole body
-        with lock:
-            answered.append(f"wado{i}")
-        sizes[i] = (answer.status, len(answer.read()))
-
-    conns = [http.client.HTTPConnection(address.hostname, address.port, timeout=300) for _ in range(fetches)]
-    for i, conn in enumerate(conns):  # every fetch is sent before /info/ is
-        name = "mr" if i % 2 else "ct"
-        conn.request("GET", f"/proxy/dicom/wado/studies/{studies[name]}/series/{stack.series[name]}")
-    readers = [threading.Thread(target=read, args=(i, conn)) for i, conn in enumerate(conns)]
-    for reader in readers:
-        reader.start()
-    try:
-        info = requests.get(f"{stack.server.url}/info/", timeout=300)
-        with lock:
-            answered.append("info")
-    finally:
-        for reader in readers:
-            reader.join(300)
-        for conn in conns:
-            conn.close()
-    assert info.status_code == 200, info.text
-    assert len(sizes) == fetches and all(status == 200 and size > 2_000_000 for status, size in sizes.values()), sizes
-    # on the event loop, the fetches held /info/ up until every one had its answer (it came last);
-    # in the thread pool, /info/ answers at once (first, on this machine), while they are with the PACS
-    assert answered.index("info") < fetches // 2, answered
 
 
 @pytest.mark.parametrize("name, modality, preprocessing", [("ct", "CT", "window:"), ("mr", "MR", "clip:")])
