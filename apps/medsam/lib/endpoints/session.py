@@ -51,7 +51,7 @@ def check_session_id(session_id: str) -> str:
 def _sessions() -> Sessions:
     sessions = app_instance().sessions()
     if sessions is None:
-        raise HTTPException(status_code=406, detail="Session Feature is Not Enabled")
+        raise HTTPException(status_code=501, detail="sessions are not enabled on this server (MONAI_LABEL_SESSIONS)")
     return sessions
 
 

@@ -9,10 +9,12 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator
 
+import nibabel as nib
+import numpy as np
 import SimpleITK as sitk
 from fastapi import HTTPException, UploadFile
 from medsam_engine import EngineInputError
-from medsam_engine.imageio import IMAGE_EXTENSIONS, extension_of
+from medsam_engine.imageio import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, extension_of, read_image
 
 from lib.infers.volumes import VolumeCache
 
@@ -107,3 +109,26 @@ def check_series(folder: pathlib.Path, what: str = "image") -> None:
                                                     "are not readable slices of one DICOM series")
     reader = read_header(pathlib.Path(series[0]), what)
     check_size((*reader.GetSize(), len(series)), reader.GetNumberOfComponents(), f"{what} series")
+
+
+def check_label(path: pathlib.Path) -> None:
+    """400 unless the label file's header reads, declares a sane size and (NIfTI) holds every voxel,
+    all finite: SimpleITK fills a truncated NIfTI with zeros, and reads NaN and inf in one as 0,
+    instead of failing; the engine's reader checks the first, nibabel (which keeps them) the second.
+    (Whether it lies on its image's grid is the datastore's check, in `save_label`.)"""
+    if path.name.endswith(".bin"):  # OHIF's raw voxels: checked against the image's size when read
+        return
+    refused = "label refused, nothing stored: "
+    try:
+        check_header(path, "label")
+        if extension_of(path) in VOLUME_EXTENSIONS:
+            read_image(path)
+    except HTTPException as exc:
+        raise HTTPException(status_code=exc.status_code, detail=refused + str(exc.detail)) from None
+    except EngineInputError as exc:
+        raise HTTPException(status_code=400, detail=f"{refused}{exc}") from None
+    if extension_of(path) in (".nii", ".nii.gz"):
+        data = nib.load(str(path)).dataobj
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(np.asanyarray(data)).all():
+            raise HTTPException(status_code=400, detail=f"{refused}label values must be finite numbers (it holds NaN "
+                                                        "or infinity)")
