@@ -26,6 +26,8 @@ place without a lock, so one racing a save is lost. Here:
 
 from __future__ import annotations
 
+import errno
+import gzip
 import json
 import logging
 import os
@@ -56,6 +58,20 @@ logger = logging.getLogger(__name__)
 def _write_model(model: LocalDatastoreModel, path: Path) -> None:
     """The datastore JSON as MONAI Label writes it."""
     path.write_text(json.dumps(model.model_dump(exclude={"base_path"}), indent=2, default=str))
+
+
+def write_nifti(image: sitk.Image, path: Path) -> None:
+    """`image` as a gzipped NIfTI at `path`, read back whole: OSError when it is not. (SimpleITK's
+    NIfTI writer prints an error and returns when the disk refuses a write, leaving a short file.)"""
+    sitk.WriteImage(image, str(path), True)
+    expected = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    try:
+        with gzip.open(path) as f:
+            written = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 20), b""))
+    except (OSError, EOFError):
+        written = -1
+    if written < expected:
+        raise OSError(errno.EIO, "the NIfTI file was written short (the disk is full, or the file too large)")
 
 
 class AtomicLocalDatastore(LocalDatastore):
@@ -153,7 +169,7 @@ class AtomicLocalDatastore(LocalDatastore):
             target = self._inside(label_dir, name, image_id)
             previous = obj.labels.get(label_tag)
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
-            self._commit(model, lambda copy: sitk.WriteImage(label, str(copy), True), target, f"label {name}")
+            self._commit(model, lambda copy: write_nifti(label, copy), target, f"label {name}")
             if previous is not None and previous.ext != label_ext:  # the same label under its former extension
                 remove_file(os.path.join(label_dir, self._filename(image_id, previous.ext)))
         return image_id
