@@ -530,7 +530,7 @@ def test_app_routes_replace_the_stock_ones_under_monai_label_api_str(monkeypatch
 
     import monailabel.endpoints.datastore as stock
     import monailabel.endpoints.session as stock_session
-    from lib.endpoints import datastore, replace_routes, session, tasks
+    from lib.endpoints.install import replace_all
     from monailabel.config import settings
 
     monkeypatch.setattr(settings, "MONAI_LABEL_API_STR", "/api")
@@ -538,8 +538,7 @@ def test_app_routes_replace_the_stock_ones_under_monai_label_api_str(monkeypatch
     app.include_router(stock.router, prefix="/api")
     app.include_router(stock_session.router, prefix="/api")
     app.post("/reload")(lambda: {})
-    for module in (datastore, session, tasks):
-        assert module.install(app)
+    replace_all(app)
     served: dict[tuple[str, str], list[str]] = {}
     for route in app.router.routes:
         if isinstance(route, APIRoute):

@@ -19,12 +19,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
 from medsam_engine.imageio import IMAGE_EXTENSIONS, extension_of
 
 from lib.datastore import ImageNotFound
-from lib.endpoints import replace_routes
 from lib.endpoints.params import LabelParams, parse
 from lib.endpoints.uploads import check_image, check_label, saved
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
@@ -198,8 +197,3 @@ def api_put_label_info(label: str, tag: str, info: str = Form("{}"),
 def api_update_label_info(label: str, tag: str, params: str = Form("{}"),
                           user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
     return datastore().update_label_info(label, tag, with_user(parse(params), user))
-
-
-def install(app: FastAPI | None = None) -> bool:
-    """Put these routes in place of MONAI Label's in the running server's app."""
-    return replace_routes(router, app)

@@ -22,12 +22,11 @@ import subprocess
 from urllib.parse import unquote
 
 import requests
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 import monailabel.endpoints.ohif
-from lib.endpoints import replace_routes
 from lib.endpoints.guard import path_problem
 from monailabel.config import RBAC_ADMIN, settings
 from monailabel.endpoints.user.auth import RBAC, User
@@ -131,8 +130,3 @@ def api_gpu_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
     except subprocess.TimeoutExpired:
         raise HTTPException(status_code=504, detail=f"nvidia-smi did not answer in {GPU_INFO_TIMEOUT_S} s") from None
     return Response(content=done.stdout or done.stderr, media_type="text/plain")
-
-
-def install(app: FastAPI | None = None) -> bool:
-    """Put these routes in place of MONAI Label's in the running server's app."""
-    return replace_routes(router, app)

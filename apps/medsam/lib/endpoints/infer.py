@@ -23,11 +23,10 @@ import logging
 from contextlib import ExitStack
 from typing import Any, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.background import BackgroundTasks
 
 from lib.datastore import series_modality
-from lib.endpoints import replace_routes
 from lib.endpoints.datastore import image_uri
 from lib.endpoints.params import InferParams, parse
 from lib.endpoints.session import check_session_id
@@ -100,8 +99,3 @@ def api_run_inference(
         logger.info("Infer Request: %s", request)
         result = instance.infer(request)
     return send_response(instance.datastore(), result, output, background_tasks)
-
-
-def install(app: FastAPI | None = None) -> bool:
-    """Put this route in place of MONAI Label's POST /infer/{model} in the running server's app."""
-    return replace_routes(router, app)

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 
-from lib.endpoints import replace_routes
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.endpoints.activelearning import sample
 from monailabel.endpoints.scoring import run_method
@@ -90,8 +89,3 @@ def api_update_model(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_
 def api_reload():
     raise HTTPException(status_code=501, detail="this app is not reloaded in place (a second model would load beside "
                                                 "the first): restart the server")
-
-
-def install(app: FastAPI | None = None) -> bool:
-    """Put these routes in place of MONAI Label's in the running server's app."""
-    return replace_routes(router, app) and replace_routes(root, app, prefix="")
