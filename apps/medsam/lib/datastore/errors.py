@@ -16,6 +16,10 @@ class ImageExists(Exception):
     """An image with this id is stored already (adding it again would replace it). 409."""
 
 
+class UnreadableFile(ValueError):
+    """An image file that is not one whole image (corrupt, truncated, lying about its size). 400."""
+
+
 class LabelRejected(ValueError):
     """A label that cannot be stored as given (unreadable, empty, or not on the image's grid). 400."""
 

@@ -25,7 +25,8 @@ from medsam_engine.imageio import IMAGE_EXTENSIONS, extension_of
 
 from lib.datastore import ImageNotFound
 from lib.endpoints.params import LabelParams, parse
-from lib.endpoints.uploads import check_image, check_label, saved
+from lib.datastore.checks import check_image, check_label
+from lib.endpoints.uploads import saved
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore

@@ -3,7 +3,7 @@ exception handlers for every route (the app's and MONAI Label's own).
 
 | raised | status |
 | --- | --- |
-| `EngineInputError` (the engine refuses the prompt or image), `InvalidId`, `LabelRejected` | 400 |
+| `EngineInputError` (the engine refuses the prompt or image), `InvalidId`, `UnreadableFile`, `LabelRejected` | 400 |
 | `ImageNotFound`, MONAI Label's `ImageNotFoundException`, `LabelNotFoundException`, and its `INVALID_INPUT` (no such task) | 404 |
 | `ImageExists` | 409 |
 | `UpstreamError` (the PACS cannot be reached, or refused), `requests` errors from a stock route | 502 |
@@ -28,15 +28,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from medsam_engine import EngineInputError
 
-from lib.datastore.errors import (ImageExists, ImageNotFound, InvalidId, LabelRejected, StorageError, UpstreamError,
-                                  UpstreamTimeout)
+from lib.datastore.errors import (ImageExists, ImageNotFound, InvalidId, LabelRejected, StorageError, UnreadableFile,
+                                  UpstreamError, UpstreamTimeout)
 from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFoundException, MONAILabelError,
                                              MONAILabelException)
 
 logger = logging.getLogger(__name__)
 
 STATUS: dict[type[BaseException], int] = {
-    EngineInputError: 400, InvalidId: 400, LabelRejected: 400,
+    EngineInputError: 400, InvalidId: 400, LabelRejected: 400, UnreadableFile: 400,
     ImageNotFound: 404, ImageNotFoundException: 404, LabelNotFoundException: 404,
     ImageExists: 409,
     UpstreamError: 502, requests.RequestException: 502,

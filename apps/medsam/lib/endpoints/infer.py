@@ -31,7 +31,8 @@ from lib.endpoints.datastore import image_uri
 from lib.endpoints.params import InferParams, parse
 from lib.endpoints.session import check_session_id
 from lib.endpoints.tasks import known
-from lib.endpoints.uploads import check_header, saved
+from lib.datastore.checks import check_header
+from lib.endpoints.uploads import saved
 from lib.infers.medsam import MODEL_PARAM
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, send_response

@@ -26,7 +26,8 @@ from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from lib.endpoints.guard import DEFAULT_MAX_UPLOAD_MB
-from lib.endpoints.uploads import check_image, spool
+from lib.datastore.checks import check_image
+from lib.endpoints.uploads import spool
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.session import remove_session
 from monailabel.endpoints.user.auth import RBAC, User
