@@ -31,6 +31,7 @@ import gzip
 import json
 import logging
 import os
+import resource
 import shutil
 import threading
 import time
@@ -61,8 +62,9 @@ def _write_model(model: LocalDatastoreModel, path: Path) -> None:
 
 
 def write_nifti(image: sitk.Image, path: Path) -> None:
-    """`image` as a gzipped NIfTI at `path`, read back whole: OSError when it is not. (SimpleITK's
-    NIfTI writer prints an error and returns when the disk refuses a write, leaving a short file.)"""
+    """`image` as a gzipped NIfTI at `path`, read back whole: else OSError with the likely reason.
+    (SimpleITK's NIfTI writer prints an error and returns when the disk refuses a write, leaving a
+    short file and no errno.)"""
     sitk.WriteImage(image, str(path), True)
     expected = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
     try:
@@ -71,7 +73,21 @@ def write_nifti(image: sitk.Image, path: Path) -> None:
     except (OSError, EOFError):
         written = -1
     if written < expected:
-        raise OSError(errno.EIO, "the NIfTI file was written short (the disk is full, or the file too large)")
+        raise _short_write(path)
+
+
+def _short_write(path: Path) -> OSError:
+    """Why a file came out short: the disk is full (ENOSPC), the process may not write files so
+    large (RLIMIT_FSIZE: EFBIG), or unknown (EIO)."""
+    disk = os.statvfs(path.parent)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if disk.f_bavail * disk.f_frsize < (64 << 10):
+        code = errno.ENOSPC
+    elif limit != resource.RLIM_INFINITY and os.path.getsize(path) >= limit:
+        code = errno.EFBIG
+    else:
+        return OSError(errno.EIO, "the file was written short")
+    return OSError(code, os.strerror(code))
 
 
 class AtomicLocalDatastore(LocalDatastore):
