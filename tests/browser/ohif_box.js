@@ -1,0 +1,89 @@
+// Drives the MedSAM box tool (apps/medsam/ohif/medsam-box.js) in OHIF's MONAI Label panel, in Debian's
+// headless Chromium: pick a label, drag a rectangle on the shown slice (the panel runs `medsam` by
+// itself), scroll STEP slices, drag the same rectangle there (a key-slice request), then Clear Points.
+//
+//   node ohif_box.js SERVER_URL PATIENT_NAME "I0,J0,I1,J1" LABEL STEP OUT_DIR
+//
+// Writes OUT_DIR/result.json (each drag on screen and in voxels, each infer request's params and
+// reply status, the segmentation's voxel count in the viewer, annotation counts before and after
+// Clear Points), reply-1.nrrd, reply-2.nrrd and screenshots ohif-box-1.png, ohif-box-2.png.
+'use strict';
+
+const path = require('path');
+const lib = require('./ohif_lib');
+
+const [serverUrl, patient, boxText, label, stepText, outDir] = process.argv.slice(2);
+const box = boxText.split(',').map(Number);
+const step = Number(stepText);
+const server = serverUrl.replace(/\/?$/, '/');
+
+async function drag(page, from, to) {
+  await page.mouse.move(from.x, from.y);
+  await page.mouse.down();
+  for (let n = 1; n <= 10; n++) {
+    await page.mouse.move(from.x + (to.x - from.x) * n / 10, from.y + (to.y - from.y) * n / 10);
+  }
+  await page.mouse.up();
+}
+
+// Annotations per tool name (the box tool's rectangles, the panel's probes).
+async function annotationCounts(page) {
+  return page.evaluate(() => {
+    const manager = window.cornerstoneTools.annotation.state.getAnnotationManager();
+    const counts = {};
+    for (const name of ['MedSAMBox', 'ProbeMONAILabel']) {
+      counts[name] = (manager.getAllAnnotations ? manager.getAllAnnotations() : [])
+        .filter((a) => a.metadata.toolName === name).length;
+    }
+    return counts;
+  });
+}
+
+// Tool modes in the viewport's tool group.
+async function toolModes(page) {
+  return page.evaluate(() => {
+    const { viewport } = window.cornerstone.getEnabledElements()[0];
+    const group = window.cornerstoneTools.ToolGroupManager.getToolGroupForViewport(viewport.id);
+    const mode = (name) => (group && group.toolOptions[name] ? group.toolOptions[name].mode : null);
+    return { MedSAMBox: mode('MedSAMBox'), ProbeMONAILabel: mode('ProbeMONAILabel') };
+  });
+}
+
+async function dragAndInfer(page, result, n) {
+  const from = await lib.voxelToPage(page, box[0], box[1]);
+  const to = await lib.voxelToPage(page, box[2], box[3]);
+  const before = await lib.segmentationVoxels(page);
+  const infer = await lib.nextInfer(page, () => drag(page, from, to), path.join(outDir, `reply-${n}.nrrd`));
+  const voxels = await lib.settledVoxels(page, before);
+  await page.waitForTimeout(1500); // let the viewport draw the overlay
+  await page.screenshot({ path: path.join(outDir, `ohif-box-${n}.png`) });
+  result.drags.push({ from, to, k: from.k, voxels_before: before, voxels_after: voxels, ...infer });
+}
+
+async function main() {
+  const result = { drags: [] };
+  await lib.withBrowser(outDir, result, async (page) => {
+    result.models = await lib.openPointPrompts(page, server, patient, label);
+    await page.waitForFunction(() => window.medsamBox && window.medsamBox.engaged.size > 0, null, { timeout: 30000 });
+    result.modes = await toolModes(page);
+    result.usage = await page.locator('#medsam-box-usage').textContent({ timeout: 10000 });
+
+    await dragAndInfer(page, result, 1);
+    result.annotations_after_first = await annotationCounts(page);
+
+    await page.evaluate((delta) => { // scroll the first viewport by `delta` slices, as the mouse wheel does
+      const { viewport } = window.cornerstone.getEnabledElements()[0];
+      window.cornerstone.utilities.scroll(viewport, { delta });
+    }, step);
+    await page.waitForTimeout(1000);
+    await dragAndInfer(page, result, 2);
+    result.annotations_after_second = await annotationCounts(page);
+
+    await lib.pointPromptsTab(page).getByText('Clear Points', { exact: true }).click();
+    await page.waitForTimeout(500);
+    result.annotations_after_clear = await annotationCounts(page);
+    result.modes_after_clear = await toolModes(page);
+  });
+}
+
+main().catch((err) => { console.error(err); process.exit(1); });
