@@ -2,18 +2,21 @@
 // headless Chromium: pick a label, drag a rectangle on the shown slice (the panel runs `medsam` by
 // itself), scroll STEP slices, drag the same rectangle there (a key-slice request), then Clear Points.
 //
-//   node ohif_box.js SERVER_URL PATIENT_NAME "I0,J0,I1,J1" LABEL STEP OUT_DIR
+//   node ohif_box.js SERVER_URL PATIENT_NAME "I0,J0,I1,J1" LABEL "I,J" STEP OUT_DIR
 //
-// Writes OUT_DIR/result.json (each drag on screen and in voxels, each infer request's params and
-// reply status, the segmentation's voxel count in the viewer, annotation counts before and after
-// Clear Points), reply-1.nrrd, reply-2.nrrd and screenshots ohif-box-1.png, ohif-box-2.png.
+// After the first rectangle it picks `background`, clicks voxel (I, J), picks LABEL again and
+// presses Run (a refinement). Writes OUT_DIR/result.json (each drag on screen and in voxels, each
+// infer request's params and reply status, the segmentation's voxel count in the viewer, tool modes,
+// annotation counts), reply-1.nrrd, reply-refine.nrrd, reply-2.nrrd and screenshots ohif-box-1.png,
+// ohif-box-2.png.
 'use strict';
 
 const path = require('path');
 const lib = require('./ohif_lib');
 
-const [serverUrl, patient, boxText, label, stepText, outDir] = process.argv.slice(2);
+const [serverUrl, patient, boxText, label, backgroundText, stepText, outDir] = process.argv.slice(2);
 const box = boxText.split(',').map(Number);
+const background = backgroundText.split(',').map(Number);
 const step = Number(stepText);
 const server = serverUrl.replace(/\/?$/, '/');
 
@@ -70,6 +73,22 @@ async function main() {
 
     await dragAndInfer(page, result, 1);
     result.annotations_after_first = await annotationCounts(page);
+
+    // Refine with a background click, as with the panel's probe alone.
+    await page.getByRole('cell', { name: 'background', exact: true }).click();
+    await page.waitForFunction(() => !window.medsamBox.engaged.size, null, { timeout: 10000 });
+    result.modes_background = await toolModes(page);
+    const at = await lib.voxelToPage(page, background[0], background[1]);
+    await page.mouse.click(at.x, at.y);
+    await page.waitForTimeout(500);
+    await page.getByRole('cell', { name: label, exact: true }).click();
+    await page.waitForFunction(() => window.medsamBox.engaged.size > 0, null, { timeout: 10000 });
+    await page.waitForTimeout(500);
+    result.annotations_label_again = await annotationCounts(page);
+    const before = await lib.segmentationVoxels(page);
+    const run = () => lib.pointPromptsTab(page).locator('button.actionButton').click();
+    result.refine = await lib.nextInfer(page, run, path.join(outDir, 'reply-refine.nrrd'));
+    result.refine.voxels_after = await lib.settledVoxels(page, before, 30000);
 
     await page.evaluate((delta) => { // scroll the first viewport by `delta` slices, as the mouse wheel does
       const { viewport } = window.cornerstone.getEnabledElements()[0];

@@ -113,10 +113,25 @@ async function settledVoxels(page, before, timeoutMs = 120000) {
   }
 }
 
-async function withBrowser(outDir, result, body) {
+// Make window.cornerstoneTools lack `name` (what an OHIF without that API looks like to the box tool).
+function hideToolsExport(page, name) {
+  return page.addInitScript((hidden) => {
+    let tools;
+    Object.defineProperty(window, 'cornerstoneTools', {
+      configurable: true,
+      get: () => tools,
+      set: (value) => { tools = new Proxy(value, { get: (target, key) => (key === hidden ? undefined : target[key]) }); },
+    });
+  }, name);
+}
+
+// Run `body(page)` in a fresh browser; result.json is written whatever happens. `hide`: a
+// cornerstoneTools export to hide from the page.
+async function withBrowser(outDir, result, body, hide = '') {
   fs.mkdirSync(outDir, { recursive: true });
   const { browser, page } = await launch();
   recordConsole(page, result);
+  if (hide) await hideToolsExport(page, hide);
   try {
     await body(page);
   } catch (err) {

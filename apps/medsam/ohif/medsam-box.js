@@ -11,7 +11,8 @@
 // panel sends as `foreground` clicks and the server reads as a box) and the panel's Run is pressed:
 // rectangles on several slices make the key-slice (3D) request. A click (no drag) places one probe,
 // as before, so the corner-click flow is unchanged; with `background` picked, the panel's own probe
-// is active. The panel's Clear Points removes the rectangles with the points.
+// is active. A rectangle is shown while its corner points exist: the panel's Clear Points removes
+// both, and picking another label hides them until the label is picked again.
 // If the APIs are not there, one console line says so and the panel works as without this script.
 (function medsamBox() {
   'use strict';
@@ -31,20 +32,22 @@
 
   // --- infer requests in flight (the panel ignores Run while its last run is busy) -------------------
   const infers = { inFlight: 0, started: 0, ended: 0 };
-  const open = XMLHttpRequest.prototype.open;
-  const send = XMLHttpRequest.prototype.send;
-  XMLHttpRequest.prototype.open = function openWatched(method, url, ...rest) {
-    this.medsamInfer = String(url).includes('/infer/');
-    return open.call(this, method, url, ...rest);
-  };
-  XMLHttpRequest.prototype.send = function sendWatched(...args) {
-    if (this.medsamInfer) {
-      infers.inFlight++;
-      infers.started = Date.now();
-      this.addEventListener('loadend', () => { infers.inFlight--; infers.ended = Date.now(); });
-    }
-    return send.apply(this, args);
-  };
+  function watchInfers() { // the panel's client (axios) sends with XMLHttpRequest
+    const open = XMLHttpRequest.prototype.open;
+    const send = XMLHttpRequest.prototype.send;
+    XMLHttpRequest.prototype.open = function openWatched(method, url, ...rest) {
+      this.medsamInfer = String(url).includes('/infer/');
+      return open.call(this, method, url, ...rest);
+    };
+    XMLHttpRequest.prototype.send = function sendWatched(...args) {
+      if (this.medsamInfer) {
+        infers.inFlight++;
+        infers.started = Date.now();
+        this.addEventListener('loadend', () => { infers.inFlight--; infers.ended = Date.now(); });
+      }
+      return send.apply(this, args);
+    };
+  }
 
   // --- the panel, read from its DOM (its React state is not exposed) --------------------------------
   function pointPromptsTab() {
@@ -128,16 +131,37 @@
     }
     MedSAMBoxTool.toolName = TOOL;
     cst.addTool(MedSAMBoxTool);
+    watchInfers();
 
     function addProbe(rectangle, world) {
       const probe = {
+        annotationUID: cs.utilities.uuidv4(),
         invalidated: true,
         highlighted: false,
         metadata: { ...rectangle.metadata, toolName: PROBE },
         data: { label: '', handles: { points: [[...world]], activeHandleIndex: null, textBox: { hasMoved: false } },
           cachedStats: {} },
       };
-      annotation.state.addAnnotation(probe, rectangle.metadata.FrameOfReferenceUID);
+      return annotation.state.addAnnotation(probe, rectangle.metadata.FrameOfReferenceUID);
+    }
+
+    // A rectangle lives as long as its two corner points: the panel removes every annotation when
+    // another label is picked and restores that label's points when it is picked again.
+    const rectangles = new Map(); // label -> [{ rectangle, probes: [uid, uid] }]
+    function keepRectanglesWithTheirPoints(label) {
+      const kept = (rectangles.get(label) || []).filter(({ rectangle, probes }) => {
+        const present = Boolean(annotation.state.getAnnotation(rectangle.annotationUID));
+        if (probes.every((uid) => annotation.state.getAnnotation(uid))) {
+          if (!present) annotation.state.addAnnotation(rectangle, rectangle.metadata.FrameOfReferenceUID);
+          return true;
+        }
+        if (present) annotation.state.removeAnnotation(rectangle.annotationUID);
+        return false;
+      });
+      if (kept.length !== (rectangles.get(label) || []).length) {
+        window.services.cornerstoneViewportService.getRenderingEngine().render();
+      }
+      rectangles.set(label, kept);
     }
 
     function onCompleted(evt) {
@@ -165,8 +189,9 @@
           if (annotation.locking && annotation.locking.setAnnotationLocked) { // the next rectangle must not move this one
             annotation.locking.setAnnotationLocked(rectangle.annotationUID, true);
           }
-          addProbe(rectangle, points[0]);
-          addProbe(rectangle, points[3]);
+          const probes = [addProbe(rectangle, points[0]), addProbe(rectangle, points[3])];
+          const { label } = panelState() || {};
+          rectangles.set(label, [...(rectangles.get(label) || []), { rectangle, probes }]);
           requestRun();
         }
       }
@@ -181,6 +206,7 @@
       const state = panelState();
       showUsage(state);
       pressRunWhenFree(state);
+      if (state && state.label) keepRectanglesWithTheirPoints(state.label);
       const wanted = Boolean(state && state.model === MODEL && state.label && state.label !== 'background');
       for (const group of cst.ToolGroupManager.getAllToolGroups()) {
         const probe = group.toolOptions[PROBE];
@@ -234,6 +260,8 @@
       ['cornerstoneTools.ToolGroupManager.getAllToolGroups', cst.ToolGroupManager && cst.ToolGroupManager.getAllToolGroups],
       ['cornerstoneTools.annotation.state.addAnnotation', cst.annotation && cst.annotation.state && cst.annotation.state.addAnnotation],
       ['cornerstoneTools.annotation.state.removeAnnotation', cst.annotation && cst.annotation.state && cst.annotation.state.removeAnnotation],
+      ['cornerstoneTools.annotation.state.getAnnotation', cst.annotation && cst.annotation.state && cst.annotation.state.getAnnotation],
+      ['cornerstone.utilities.uuidv4', cs.utilities && cs.utilities.uuidv4],
       ['cornerstoneTools.Enums.Events.ANNOTATION_COMPLETED', cst.Enums && cst.Enums.Events && cst.Enums.Events.ANNOTATION_COMPLETED],
       ['cornerstone.eventTarget', cs.eventTarget],
       ['cornerstone.getEnabledElement', cs.getEnabledElement],
