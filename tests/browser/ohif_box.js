@@ -1,6 +1,7 @@
 // Drives the MedSAM box tool (apps/medsam/ohif/medsam-box.js) in OHIF's MONAI Label panel, in Debian's
 // headless Chromium: pick a label, drag a rectangle on the shown slice (the panel runs `medsam` by
-// itself), scroll STEP slices, drag the same rectangle there (a key-slice request), then Clear Points.
+// itself), scroll STEP slices, drag the same rectangle there (a key-slice request), Clear Points, then
+// drag a rectangle on the coronal view (refused: MedSAM segments the series' slices).
 //
 //   node ohif_box.js SERVER_URL PATIENT_NAME "I0,J0,I1,J1" LABEL "I,J" STEP OUT_DIR
 //
@@ -66,6 +67,8 @@ async function dragAndInfer(page, result, n) {
 async function main() {
   const result = { drags: [] };
   await lib.withBrowser(outDir, result, async (page) => {
+    const inferRequests = [];
+    page.on('request', (r) => { if (r.url().includes('/infer/')) inferRequests.push(r.url()); });
     result.models = await lib.openPointPrompts(page, server, patient, label);
     await page.waitForFunction(() => window.medsamBox && window.medsamBox.engaged.size > 0, null, { timeout: 30000 });
     result.modes = await toolModes(page);
@@ -102,6 +105,22 @@ async function main() {
     await page.waitForTimeout(500);
     result.annotations_after_clear = await annotationCounts(page);
     result.modes_after_clear = await toolModes(page);
+
+    // A rectangle on another plane (the coronal view): refused with a notification, no request.
+    const coronal = await page.evaluate(() => {
+      const { viewport } = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === 'mpr-coronal');
+      window.services.viewportGridService.setActiveViewportId(viewport.id);
+      const rect = viewport.canvas.getBoundingClientRect();
+      return { x: rect.x + rect.width * 0.3, y: rect.y + rect.height / 2 - 8, width: rect.width };
+    });
+    await page.waitForTimeout(500);
+    await drag(page, coronal, { x: coronal.x + coronal.width * 0.4, y: coronal.y + 16 });
+    await page.waitForTimeout(1000);
+    result.other_plane = {
+      notification: await page.getByText('MedSAM segments those slices', { exact: false }).count(),
+      annotations: await annotationCounts(page),
+    };
+    result.infer_requests = inferRequests.length;
   });
 }
 

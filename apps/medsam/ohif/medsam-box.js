@@ -167,7 +167,8 @@
     function onCompleted(evt) {
       const rectangle = evt.detail && evt.detail.annotation;
       if (!rectangle || rectangle.metadata.toolName !== TOOL) return;
-      const tool = cst.ToolGroupManager.getAllToolGroups().map((g) => g.getToolInstance(TOOL)).find((t) => t && t.lastElement);
+      const tool = cst.ToolGroupManager.getAllToolGroups().filter((g) => g.hasTool(TOOL))
+        .map((g) => g.getToolInstance(TOOL)).find((t) => t.lastElement && t.lastElement.isConnected);
       const enabled = tool && cs.getEnabledElement(tool.lastElement);
       const points = rectangle.data.handles.points;
       if (!enabled) return;
@@ -177,11 +178,15 @@
         annotation.state.removeAnnotation(rectangle.annotationUID);
         addProbe(rectangle, points[0]); // a click: one point, as the panel's probe places it
       } else {
-        // The server reads boxes on the series' slices: the rectangle must lie in a k plane.
+        // The server reads boxes on the series' slices: the view must face along the series' k axis
+        // (within 25 degrees: OHIF shows an oblique series on the nearest axial, sagittal or coronal plane).
         const { imageData } = viewport.getImageData();
         const index = points.map((p) => imageData.worldToIndex(p));
-        const extent = [0, 1, 2].map((d) => Math.max(...index.map((i) => i[d])) - Math.min(...index.map((i) => i[d])));
-        if (extent[2] > 1 || extent[2] > Math.min(extent[0], extent[1])) {
+        const [origin, next] = [imageData.indexToWorld([0, 0, 0]), imageData.indexToWorld([0, 0, 1])];
+        const kAxis = [0, 1, 2].map((d) => next[d] - origin[d]);
+        const normal = rectangle.metadata.viewPlaneNormal;
+        const facing = Math.abs(kAxis.reduce((sum, v, d) => sum + v * normal[d], 0)) / Math.hypot(...kAxis) / Math.hypot(...normal);
+        if (!(facing > 0.9)) {
           annotation.state.removeAnnotation(rectangle.annotationUID);
           notify('Draw the rectangle on the view that shows the series\' own slices (axial for a CT): ' +
             'MedSAM segments those slices.');
@@ -189,7 +194,10 @@
           if (annotation.locking && annotation.locking.setAnnotationLocked) { // the next rectangle must not move this one
             annotation.locking.setAnnotationLocked(rectangle.annotationUID, true);
           }
-          const probes = [addProbe(rectangle, points[0]), addProbe(rectangle, points[3])];
+          // Both corners on one slice k, also where the view cuts an oblique series' slices at an angle.
+          const k = Math.round((index[0][2] + index[3][2]) / 2);
+          const corner = (n) => imageData.indexToWorld([index[n][0], index[n][1], k]);
+          const probes = [addProbe(rectangle, corner(0)), addProbe(rectangle, corner(3))];
           const { label } = panelState() || {};
           rectangles.set(label, [...(rectangles.get(label) || []), { rectangle, probes }]);
           requestRun();
@@ -211,7 +219,7 @@
       for (const group of cst.ToolGroupManager.getAllToolGroups()) {
         const probe = group.toolOptions[PROBE];
         if (!probe) continue;
-        if (!group.getToolInstance(TOOL)) group.addTool(TOOL);
+        if (!group.hasTool(TOOL)) group.addTool(TOOL);
         const mine = group.toolOptions[TOOL] || { mode: Disabled }; // no options until a mode is set
         if (!engaged.has(group.id)) {
           if (wanted && probe.mode === Active) {
