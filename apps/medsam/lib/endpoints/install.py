@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lib.endpoints import auth, datastore, errors, files, guard, infer, label, server_app, session, tasks
+from lib.endpoints import auth, datastore, errors, files, guard, infer, label, ohif_box, server_app, session, tasks
 
 
 def install(max_upload_bytes: int, allow_remote: bool = False) -> bool:
@@ -14,7 +14,7 @@ def install(max_upload_bytes: int, allow_remote: bool = False) -> bool:
     if app is None:
         return False
     app.state.max_upload_bytes = max_upload_bytes
-    for module in (infer, label, datastore, session, tasks, files):
+    for module in (infer, label, datastore, session, tasks, files, ohif_box):  # ohif_box after files
         module.install(app)
     auth.install(app)
     errors.install(app)
