@@ -29,7 +29,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     evaluate(args.datastore, args.out, mode=args.mode, jitter=args.jitter, model=args.model,
              checkpoint=args.checkpoint, device=args.device, zoom=not args.no_zoom, prior=not args.no_prior,
-             limit=args.limit)
+             limit=args.limit, keys=args.keys)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("eval", help="DSC/NSD of box-prompted MedSAM vs the filled box on a datastore")
     p.add_argument("datastore", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mode", choices=("2d", "3d"), default="2d")
+    p.add_argument("--mode", choices=("2d", "3d", "3d-keys"), default="2d",
+                   help="2d: a box per object and slice; 3d: one 3D box per object; 3d-keys: tight boxes on key slices")
+    p.add_argument("--keys", type=int, default=3, help="key slices per object in 3d-keys (the ends and the middle for 3)")
     p.add_argument("--jitter", type=float, default=0.0, help="move box edges by up to PX pixels (seeded)")
     p.add_argument("--no-zoom", action="store_true", help="disable crop-and-zoom for small boxes")
     p.add_argument("--no-prior", action="store_true", help="disable the small-box prior (inscribed ellipse)")

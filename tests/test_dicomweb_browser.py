@@ -4,9 +4,7 @@ run `medsam`, and find the segmentation in the viewer (tests/browser/ohif_medsam
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +13,19 @@ import SimpleITK as sitk
 from PIL import Image
 
 from app_helpers import REPO_ROOT
+from browser_helpers import run_driver
 from dicomweb_helpers import save_label, seg_for, seg_to_image
 
-BROWSER_DIR = REPO_ROOT / "tests" / "browser"
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT_COPY = REPO_ROOT / "out" / "browser" / "ohif-medsam.png"  # kept after the run, for the README
 LIVER_BOX = (110, 190, 240, 390)  # i0, j0, i1, j1 on the slice OHIF opens the CT at
 
 
-def _missing() -> str:
-    if not CHROMIUM.exists():
-        return "Debian's chromium is not installed (scripts/setup.sh installs it)"
-    if shutil.which("node") is None:
-        return "node is not installed"
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        return "playwright-core is not installed in tests/browser (scripts/setup.sh runs npm ci there)"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def ohif_run(dicomweb_stack, tmp_path_factory) -> tuple[dict, Path]:
-    if _missing():
-        pytest.skip(_missing())
     out = tmp_path_factory.mktemp("ohif")
     box = ",".join(map(str, LIVER_BOX))
-    run = subprocess.run(["node", "ohif_medsam.js", dicomweb_stack.server.url, "TotalSegmentator, CT", box, "liver",
-                          str(out)], cwd=BROWSER_DIR, capture_output=True, text=True, timeout=600)
-    result = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
-    assert run.returncode == 0, f"browser driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{result}"
+    result = run_driver("ohif_medsam.js", dicomweb_stack.server.url, "TotalSegmentator, CT", box, "liver", str(out),
+                        out=out)
     SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "ohif-medsam.png", SCREENSHOT_COPY)
     return result, out
@@ -51,6 +34,7 @@ def ohif_run(dicomweb_stack, tmp_path_factory) -> tuple[dict, Path]:
 def test_medsam_listed_in_point_prompts(ohif_run):
     result, _ = ohif_run
     assert [m.strip() for m in result["models"]] == ["medsam"]
+    assert result["box_tool"] is True and result["console_medsam"] == []  # the clicks went through the box tool
 
 
 def test_clicks_arrive_as_box_corners(ohif_run, dicomweb_stack):

@@ -195,3 +195,16 @@ def test_segmenter_grey_images_use_the_volume_percentile_clip(lite_model) -> Non
     assert (norm.low, norm.high) == pytest.approx(tuple(expected))
     # the bounds come from the whole volume, so slice 0 stays below mid-grey
     assert segmenter.slice_input(volume, 0, norm).max() < 0.5
+
+
+@pytest.mark.parametrize("surround, name", [(-850.0, "lung"), (60.0, "soft_tissue"), (-1000.0, "soft_tissue")])
+def test_soft_tissue_box_in_lung_gets_the_lung_window(lite_model, surround: float, name: str) -> None:
+    """A 40 HU nodule filling its box: lung parenchyma around it means a lung lesion; liver or the
+    air outside the body around it does not."""
+    plane = np.full((3, 64, 64), surround, dtype=np.float32)
+    plane[:, 24:40, 24:40] = 40.0
+    plane[:, 0, 0] = -1024.0  # air somewhere, so the image reads as CT
+    volume = make_volume(plane, f"nodule-{surround}")
+    segmenter = Segmenter(lite_model)
+    window = segmenter.normaliser(volume, "CT", None, (24.0, 24.0, 39.0, 39.0), 1)
+    assert window == Window(name, *CT_WINDOWS[name])

@@ -43,7 +43,7 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("mode", ["2d", "3d"])
+@pytest.mark.parametrize("mode", ["2d", "3d", "3d-keys"])
 def test_eval_writes_csv_summary_and_plot(tiny_datastore: Path, tmp_path: Path, mode: str) -> None:
     out = tmp_path / "eval"
     run_main("eval", str(tiny_datastore), "--out", str(out), "--mode", mode, "--jitter", "2")

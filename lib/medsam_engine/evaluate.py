@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -16,9 +17,10 @@ from .geometry import Box, Fit, mask_box
 from .imageio import Volume, read_image
 from .metrics import dsc, nsd
 from .models import load_model
-from .prompts import Box3DPrompt
+from .prompts import Box3DPrompt, KeySlicesPrompt
 from .segmenter import Segmenter
 from .prior import BoxPrior
+from .propagation import interpolate_boxes
 from .zoom import ZoomRule
 
 COLUMNS = ["image", "label", "slice", "dsc", "nsd", "box_dsc", "box_nsd", "name", "box_side_model_px", "zoomed"]
@@ -85,10 +87,18 @@ def _eval_2d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator
                        "zoomed": int(was_zoomed)}
 
 
-def _eval_3d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator) -> Iterator[dict]:
+def _object_row(case: Case, value: int, volume: Volume, gt: np.ndarray, pred: np.ndarray, base: np.ndarray,
+                side: float, zoomed: bool) -> dict:
+    """One evaluated 3D object: the model's and the filled box's DSC and NSD (mm)."""
+    return {"image": case.image_id, "label": value, "slice": "", "dsc": dsc(pred, gt),
+            "nsd": nsd(pred, gt, spacing=volume.spacing), "box_dsc": dsc(base, gt),
+            "box_nsd": nsd(base, gt, spacing=volume.spacing), "box_side_model_px": round(side, 1),
+            "zoomed": int(zoomed)}
+
+
+def _objects_3d(case: Case) -> Iterator[tuple[Volume, int, np.ndarray, np.ndarray]]:
+    """(volume, label value, its mask, the slices it is on) for every object of a case with a box."""
     volume, label = _read_case(case)
-    height, width = volume.slice_shape
-    fit = Fit(height, width, seg.model.geometry)
     for value in np.unique(label):
         if value == 0:
             continue
@@ -96,17 +106,49 @@ def _eval_3d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator
         box = mask_box(gt.any(axis=0))
         if box is None or box[2] - box[0] < 1 or box[3] - box[1] < 1:
             continue
-        box = jitter_box(box, jitter, rng, height, width)
-        slices = np.flatnonzero(gt.any(axis=(1, 2)))
+        yield volume, int(value), gt, np.flatnonzero(gt.any(axis=(1, 2)))
+
+
+def _eval_3d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator) -> Iterator[dict]:
+    """One 3D box per object (the union of its slice boxes over its slice range)."""
+    for volume, value, gt, slices in _objects_3d(case):
+        height, width = volume.slice_shape
+        fit = Fit(height, width, seg.model.geometry)
+        box = jitter_box(mask_box(gt.any(axis=0)), jitter, rng, height, width)  # type: ignore[arg-type]
         result = seg.segment(volume, [Box3DPrompt(box, int(slices[0]), int(slices[-1]))])
-        pred = result.label > 0
         base = np.zeros_like(gt)
         base[slices[0]:slices[-1] + 1] = filled_box(gt.shape[1:], box)
         side = max((box[2] - box[0] + 1) * fit.scale[1], (box[3] - box[1] + 1) * fit.scale[0])
-        yield {"image": case.image_id, "label": int(value), "slice": "", "dsc": dsc(pred, gt),
-               "nsd": nsd(pred, gt, spacing=volume.spacing), "box_dsc": dsc(base, gt),
-               "box_nsd": nsd(base, gt, spacing=volume.spacing), "box_side_model_px": round(side, 1),
-               "zoomed": int(result.objects[0].zoomed_slices > 0)}
+        yield _object_row(case, value, volume, gt, result.label > 0, base, side, result.objects[0].zoomed_slices > 0)
+
+
+def key_slices(slices: np.ndarray, gt: np.ndarray, keys: int) -> list[int]:
+    """`keys` slices spread evenly from the object's first to its last slice (the ends and the middle
+    for 3), each moved to the nearest slice whose mask has a box with area."""
+    usable = [int(k) for k in slices if (b := mask_box(gt[k])) is not None and b[2] > b[0] and b[3] > b[1]]
+    if not usable:
+        return []
+    wanted = np.linspace(usable[0], usable[-1], max(1, keys))
+    return sorted({min(usable, key=lambda k: (abs(k - w), k)) for w in wanted})
+
+
+def _eval_3d_keys(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator,
+                  keys: int = 3) -> Iterator[dict]:
+    """Tight boxes on `keys` key slices of each object (the paper's annotation study), the rest from
+    the engine; the filled-box baseline fills the boxes interpolated between the key slices."""
+    for volume, value, gt, slices in _objects_3d(case):
+        height, width = volume.slice_shape
+        fit = Fit(height, width, seg.model.geometry)
+        chosen = key_slices(slices, gt, keys)
+        if not chosen:
+            continue
+        boxes = {k: jitter_box(mask_box(gt[k]), jitter, rng, height, width) for k in chosen}  # type: ignore[arg-type]
+        result = seg.segment(volume, [KeySlicesPrompt(boxes)])
+        base = np.zeros_like(gt)
+        for k, box in interpolate_boxes(boxes).items():
+            base[k] = filled_box(gt.shape[1:], box)
+        side = max(max((b[2] - b[0] + 1) * fit.scale[1], (b[3] - b[1] + 1) * fit.scale[0]) for b in boxes.values())
+        yield _object_row(case, value, volume, gt, result.label > 0, base, side, result.objects[0].zoomed_slices > 0)
 
 
 def _stats(rows: list[dict], prefix: str = "") -> dict:
@@ -162,7 +204,7 @@ def box_plot(rows: list[dict], path: Path) -> None:
 
 def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: float = 0.0,
              model: str = "medsam-lite", checkpoint: str | None = None, device: str | None = None,
-             zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0) -> dict:
+             zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0, keys: int = 3) -> dict:
     """Evaluate every labelled image; writes per_case.csv, summary.json and dsc_boxplot.png in `out`."""
     cases = list_cases(datastore)[:limit]
     if not cases:
@@ -173,7 +215,10 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
                     prior=BoxPrior() if prior else None)
     names = label_names(datastore)
     rng = np.random.default_rng(seed)
-    run = _eval_2d if mode == "2d" else _eval_3d
+    runs = {"2d": _eval_2d, "3d": _eval_3d, "3d-keys": partial(_eval_3d_keys, keys=keys)}
+    if mode not in runs:
+        raise EngineInputError(f"unknown eval mode {mode!r}; use one of {', '.join(runs)}")
+    run = runs[mode]
     rows = []
     for case in cases:
         for row in run(seg, case, jitter, rng):
@@ -188,7 +233,7 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
         for row in rows:
             writer.writerow({c: (f"{row[c]:.4f}" if isinstance(row[c], float) and c != "box_side_model_px" else row[c])
                              for c in COLUMNS})
-    summary = {"model": seg.model.version, "mode": mode, "jitter": jitter,
+    summary = {"model": seg.model.version, "mode": mode, "jitter": jitter, **({"keys": keys} if mode == "3d-keys" else {}),
                "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
                **summarise(rows)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -119,20 +119,42 @@ def normalise_modality(modality: str | None) -> str | None:
     return text
 
 
-def auto_window(region_hu: np.ndarray) -> Window:
-    """Pick a CT window from the intensities inside the prompt's box.
+LUNG_HU = (-980.0, -400.0)  # lung parenchyma: below soft tissue, above the air outside the body
+
+
+def auto_window(region_hu: np.ndarray, context_hu: np.ndarray | None = None,
+                lung_context: float = 0.5) -> Window:
+    """Pick a CT window from the intensities inside the prompt's box and around it.
 
     Air-dominated boxes (median below -400 HU) get the lung window, bone-dominated ones (median
-    above 300 HU) the bone window, everything else soft tissue (the paper's default for organs).
+    above 300 HU) the bone window. A soft-tissue box whose surroundings (`context_hu`, a ring
+    around the box) are at least `lung_context` lung parenchyma is a lesion in the lung: lung
+    window. Everything else gets soft tissue (the paper's default for organs).
     """
     median = float(np.median(region_hu)) if region_hu.size else 0.0
     if median < -400:
         name = "lung"
     elif median > 300:
         name = "bone"
+    elif context_hu is not None and context_hu.size and \
+            float(((context_hu > LUNG_HU[0]) & (context_hu < LUNG_HU[1])).mean()) >= lung_context:
+        name = "lung"
     else:
         name = "soft_tissue"
     return Window(name, *CT_WINDOWS[name])
+
+
+def box_context(plane: np.ndarray, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(inside, ring): the values of a 2D plane inside a box and in a ring around it, half the box's
+    size wide on each side (at least 2 px), clipped to the plane."""
+    height, width = plane.shape[:2]
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    gx, gy = max(2, (x1 - x0 + 1) // 2), max(2, (y1 - y0 + 1) // 2)
+    ox0, oy0, ox1, oy1 = max(0, x0 - gx), max(0, y0 - gy), min(width - 1, x1 + gx), min(height - 1, y1 + gy)
+    outer = plane[oy0:oy1 + 1, ox0:ox1 + 1]
+    ring = np.ones(outer.shape, dtype=bool)
+    ring[y0 - oy0:y1 - oy0 + 1, x0 - ox0:x1 - ox0 + 1] = False
+    return plane[y0:y1 + 1, x0:x1 + 1], outer[ring]
 
 
 def percentile_clip(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> PercentileClip:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from lib.endpoints import auth, datastore, errors, files, guard, infer, replace_routes, server_app, session, tasks
+from lib.endpoints import (auth, datastore, errors, files, guard, infer, ohif_box, replace_routes, server_app, session,
+                           tasks)
 
 
 def replace_all(app: FastAPI) -> None:
     """The app's routes in place of MONAI Label's (under MONAI_LABEL_API_STR, as MONAI Label's are;
-    /reload outside it, as MONAI Label's is)."""
+    /reload outside it, as MONAI Label's is). Each router goes before the ones replaced earlier."""
     for router in (infer.router, datastore.router, session.router, tasks.router, files.router):
         replace_routes(router, app)
     replace_routes(tasks.root, app, prefix="")
+    ohif_box.install(app)  # after files: its /ohif/app-config.js before /ohif/{path}
 
 
 def install(max_upload_bytes: int, allow_remote: bool = False) -> bool:
