@@ -1,6 +1,7 @@
 """Bad input, generated with hypothesis and thrown at the running server: boxes, clicks and ROIs
 out of bounds, zero-area, non-finite, non-numeric or huge; image, label, session and tag ids that
-are paths (relative, absolute, URL-encoded) or junk; corrupt, truncated and lying NIfTI, NRRD,
+are paths (relative, absolute, URL-encoded) or junk, and file names as hospital exports write them
+(spaces, commas, parentheses, `+`, `%`, non-ASCII: unknown, so 404, never refused for their characters); corrupt, truncated and lying NIfTI, NRRD,
 MetaImage, PNG and DICOM uploads; labels of the wrong shape, type or geometry; malformed JSON and
 multipart; bodies over the upload limit; and every route MONAI Label lists, fed hostile parameters.
 

@@ -96,9 +96,15 @@ def test_datastore_resolves_real_names_and_refuses_paths_for_every_caller(tmp_pa
         store.get_image_uri("mr_3mm")
     assert not any("mr_3mm" in pair["image"] for pair in store.datalist())
     assert any("patient 01" in pair["image"] for pair in store.datalist())
-    # A label on another grid is refused by the datastore, not only by the route.
+    # A label on another grid is refused by the datastore, not only by the route; OHIF's raw voxels
+    # (label.bin, x fastest) are read on the image's grid and stored as NIfTI.
     with pytest.raises(LabelRejected):
         store.save_label("ct_3mm", str(label), "final", {})
+    raw = tmp_path / "label.bin"
+    raw.write_bytes(LIVER_MR.astype(np.uint8).tobytes())
+    store.save_label("Müller, Jürgen (2)", str(raw), "final", {})
+    saved = sitk.ReadImage(store.get_label_uri("Müller, Jürgen (2)", "final"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(saved), LIVER_MR.astype(np.uint16))
 
 
 # ---- the server: every route that takes an id ---------------------------------------------------

@@ -10,6 +10,9 @@ Differences from `monailabel.datastore.dicom.DICOMWebDatastore` as MONAI Label s
   PACS's non-image series (SEG, SR, RTSTRUCT...); MONAI_LABEL_DICOMWEB_SEARCH_FILTER still applies
   when set to anything but MONAI Label's default;
 - each series' DICOM Modality is kept, so the infer task can preprocess by it;
+- an id is held to ids.py where it becomes a path in the cache (MONAI Label joins any id to the
+  cache folder); an unknown series is `ImageNotFound`, and a server that cannot be reached or
+  refuses is `UpstreamError` (502) or `UpstreamTimeout` (504) with its reason, not a missing image;
 - the local cache (converted series, label copies for training, its JSON) is written atomically,
   as the local datastore is (local.py): a crash mid-write does not stop the next start.
 """
