@@ -115,7 +115,7 @@ class AtomicLocalDatastore(LocalDatastore):
         return self._inside(self._datastore.image_path(), self._filename(image_id, obj.image.ext), image_id) if obj else ""
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
-        self.get_image_uri(image_id)
+        AtomicLocalDatastore.get_image_uri(self, image_id)  # the rule, without a DICOMweb download
         return super().get_image_info(image_id)
 
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
@@ -191,7 +191,7 @@ class AtomicLocalDatastore(LocalDatastore):
         return image_id
 
     def remove_image(self, image_id: str) -> None:
-        self.get_image_uri(image_id)
+        AtomicLocalDatastore.get_image_uri(self, image_id)
         super().remove_image(image_id)
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
