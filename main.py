@@ -53,17 +53,20 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from medsam_http.server import serve_command
+
+    conf = list(args.conf or [])
     if not _is_loopback(args.host):  # opening the bind address is the user asking for other hosts
-        args.conf = [("allow_remote", "true"), *(args.conf or [])]
+        conf.insert(0, ("allow_remote", "true"))
     if args.orthanc:
+        from medsam_http.orthanc import OrthancError
         from medsam_http.stack import serve_with_orthanc
 
-        sys.exit(serve_with_orthanc(args.host, args.port, dict(args.conf or []), args.orthanc_port))
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "apps" / "medsam"),
-               "--studies", args.studies, "--host", args.host, "--port", str(args.port)]
-    for key, value in args.conf or []:
-        command += ["--conf", key, value]
-    os.execv(sys.executable, command)
+        try:
+            sys.exit(serve_with_orthanc(args.host, args.port, dict(conf), args.orthanc_port))
+        except OrthancError as exc:
+            sys.exit(f"error: {exc}")
+    os.execv(sys.executable, serve_command(args.studies, args.host, args.port, conf))
 
 
 def cmd_train(args: argparse.Namespace) -> None:

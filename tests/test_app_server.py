@@ -54,6 +54,12 @@ BAD_REQUESTS = [
     ("unknown CT window", "ct_3mm", {**GOOD, "window": "liverish"}, 400, "unknown CT window"),
     ("unreadable result format", "ct_3mm", {**GOOD, "result_extension": ".png"}, 400, "result_extension"),
     ("image path smuggled in params", "ct_3mm", {**GOOD, "image": "/etc/hostname"}, 400, "image"),
+    # Types, per parameter (lib/endpoints/params.py): the app took these and named a label "{'x': 1}".
+    ("label name that is an object", "ct_3mm", {**GOOD, "label": {"x": 1}}, 400, "params.label"),
+    ("label name that is a number", "ct_3mm", {**GOOD, "label": 3}, 400, "params.label"),
+    ("boxes that are no list", "ct_3mm", {"boxes": "1,2,3,4,5"}, 400, "params.boxes"),
+    ("window that is a list", "ct_3mm", {**GOOD, "window": ["lung"]}, 400, "params.window"),
+    ("result_compress that is no boolean", "ct_3mm", {**GOOD, "result_compress": "maybe"}, 400, "params.result_compress"),
 ]
 
 
@@ -65,6 +71,26 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(server, image, params, st
     assert message in response.json()["detail"]
     assert server.alive()
     assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+
+
+def test_script_example_json_body(server):
+    """The README's script example as users try it first: the parameters as a JSON body (MONAI
+    Label's route reads only the multipart field, and answered 400 "no box given")."""
+    response = requests.post(f"{server.url}/infer/medsam", params={"image": "ct_3mm", "output": "json"},
+                             json={**GOOD, "label": "liver"}, timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.json()["label_names"] == {"liver": 1} and response.json()["volume_ml"] > 0
+    response = requests.post(f"{server.url}/infer/medsam", params={"image": "ct_3mm", "output": "json"},
+                             json={"label": {"x": 1}, **GOOD}, timeout=300)
+    assert response.status_code == 400 and "params.label" in response.json()["detail"]
+
+
+def test_stock_routes_left_behind_are_refused(server):
+    """POST /reload (MONAI Label: no role check, a second app and model beside the first) and model
+    upload answer 501 (not 405, which is for a wrong method: PATCH /datastore/image is one)."""
+    assert requests.post(f"{server.url}/reload", timeout=30).status_code == 501
+    assert requests.put(f"{server.url}/model/medsam", files={"file": ("m.pt", b"x")}, timeout=30).status_code == 501
+    assert requests.patch(f"{server.url}/datastore/image", timeout=30).status_code == 405
 
 
 def test_dicom_seg_output_is_refused_before_inference(server):

@@ -221,3 +221,30 @@ def test_still_labelled_after_a_restart(dicomweb_stack, saved_ct):
     label = sitk.ReadImage(datalist[0]["label"])
     np.testing.assert_array_equal(sitk.GetArrayFromImage(label), saved_ct["label"])
     assert_same_grid(label, series_geometry("ct"))
+
+
+def test_pacs_that_is_down_is_502_with_its_reason_not_an_unknown_image(dicomweb_stack, tmp_path):
+    """Orthanc stopped: a series the server has not cached (its info, an infer, a label save) gets
+    502 naming the DICOMweb server and why (the app answered 404 "unknown image id" to an outage);
+    a cached series is still served; the proxy answers 502. Orthanc is started again after."""
+    url, orthanc = dicomweb_stack.server.url, dicomweb_stack.orthanc
+    label = tmp_path / "label.nrrd"
+    sitk.WriteImage(sitk.Image(8, 8, 2, sitk.sitkUInt8) + 1, str(label))
+    orthanc.stop()
+    try:
+        for method, path, kwargs in [
+            ("GET", "/datastore/image/info", {"params": {"image": "1.2.826.0.1.3680043.2.1125.999"}}),
+            ("POST", "/infer/medsam", {"params": {"image": "1.2.826.0.1.3680043.2.1125.999", "output": "json"},
+                                       "files": {"params": (None, '{"boxes": [[1, 1, 5, 5, 0]]}')}}),
+            ("PUT", "/datastore/label", {"params": {"image": "1.2.826.0.1.3680043.2.1125.999"},
+                                         "files": {"label": ("label.nrrd", label.read_bytes())}}),
+        ]:
+            response = requests.request(method, f"{url}{path}", timeout=120, **kwargs)
+            assert response.status_code == 502, (method, path, response.status_code, response.text[:300])
+            detail = response.json()["detail"]
+            assert orthanc.dicomweb_url in detail and "cannot be reached" in detail, detail
+        ct = dicomweb_stack.series["ct"]  # downloaded by the tests above: served from the cache
+        assert requests.get(f"{url}/datastore/image/info", params={"image": ct}, timeout=60).status_code == 200
+        assert requests.get(f"{url}/proxy/dicom/qido/studies", timeout=60).status_code == 502
+    finally:
+        orthanc.start()

@@ -264,6 +264,71 @@ def test_realm_key_that_is_no_key_gets_503(tmp_path: Path):
         realm.stop()
 
 
+class HangingRealm:
+    """An identity provider that accepts connections and never answers; counts the connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.realm_uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}/realms/medsam"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.connections.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def test_identity_provider_that_hangs_stalls_no_other_request(tmp_path: Path):
+    """Stock MONAI Label (and this app before) fetched the realm's key with a blocking request in
+    the async token check, on every request until one succeeded: while the provider hung, the whole
+    server hung. Here the key is fetched in a worker thread, once for all waiting requests, at most
+    twice (MONAI_LABEL_AUTH_TIMEOUT each), and the failure is kept for a while (503 at once)."""
+    realm = HangingRealm()
+    (tmp_path / "studies").mkdir()
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.realm_uri,
+           "MONAI_LABEL_AUTH_TIMEOUT": "4"}
+    token = {"Authorization": f"Bearer {IdentityProvider().token('user')}"}
+    try:
+        with ServeCommand(tmp_path / "studies", tmp_path / "server.log", env=env, conf={"prefetch_slices": "0"}) as srv:
+            answers: list[tuple[int, float]] = []
+
+            def authed() -> None:
+                started = time.monotonic()
+                response = requests.get(f"{srv.url}/info/", headers=token, timeout=60)
+                answers.append((response.status_code, time.monotonic() - started))
+
+            waiting = [threading.Thread(target=authed) for _ in range(6)]
+            for thread in waiting:
+                thread.start()
+            time.sleep(1.0)
+            for _ in range(3):  # meanwhile the server answers what needs no key, at once
+                started = time.monotonic()
+                assert requests.get(f"{srv.url}/auth/", timeout=30).status_code == 200
+                assert requests.get(f"{srv.url}/info/", timeout=30).status_code == 401  # no token
+                assert time.monotonic() - started < 2.0
+            for thread in waiting:
+                thread.join(60)
+            assert [status for status, _ in answers] == [503] * 6, answers
+            assert max(seconds for _, seconds in answers) < 2 * 4 + 4, answers  # two tries, not one per request
+            assert len(realm.connections) <= 2, len(realm.connections)
+            started = time.monotonic()  # the failure is kept: the next request does not wait
+            response = requests.get(f"{srv.url}/info/", headers=token, timeout=60)
+            assert response.status_code == 503 and realm.realm_uri in response.json()["detail"], response.text
+            assert time.monotonic() - started < 2.0 and len(realm.connections) <= 2
+    finally:
+        realm.stop()
+
+
 # ---- paths and uploads -------------------------------------------------------------------------
 
 
@@ -274,16 +339,21 @@ def test_image_id_that_is_a_path_reads_nothing(server, idp):
     served = server.workdir / "studies" / "ct_3mm.nii.gz"
     outside = server.workdir / f"{MARK}-secret.nii.gz"
     shutil.copy(served, outside)
-    ids = [str(outside), f"../{outside.name}", f"..%2F{outside.name}", "/etc/hostname", "../../../../etc/hostname",
-           str(served), "studies/ct_3mm", "./ct_3mm"]
+    ids = [str(outside), f"../{outside.name}", "/etc/hostname", "../../../../etc/hostname",
+           str(served), "studies/ct_3mm", "./ct_3mm", "..", f"..\\{outside.name}"]
     calls = [call for image in ids for call in id_requests(image)]
-    calls += [(m, p, kw) for m, p, kw in id_requests("ct_3mm", tag="../final") if "tag" in kw["params"]]
+    calls += [(m, p, {**kw, "files": {"label": ("label.nii.gz", _liver_label())}} if m == "PUT" and "files" in kw else kw)
+              for m, p, kw in id_requests("ct_3mm", tag="../final") if "tag" in kw["params"]]  # a good label: the tag is wrong
     try:
         for method, path, kwargs in calls:
             response = requests.request(method, f"{server.url}{path}", headers=_auth(idp), timeout=60, **kwargs)
             case = (method, path, kwargs["params"], response.status_code, response.text[:200])
             assert response.status_code == 400, case
             assert method == "HEAD" or "is not a valid id" in response.json()["detail"], case
+        # `%2F` that reaches the app as text is part of a file name, not a path: an unknown id.
+        for method, path, kwargs in id_requests(f"..%2F{outside.name}"):
+            response = requests.request(method, f"{server.url}{path}", headers=_auth(idp), timeout=60, **kwargs)
+            assert response.status_code == 404, (method, path, response.status_code, response.text[:200])
         assert outside.read_bytes() == served.read_bytes()
     finally:
         outside.unlink()
@@ -450,3 +520,35 @@ def test_stock_start_server_on_all_interfaces_serves_other_hosts_only_when_allow
             assert remote.status_code == 403 and "allow_remote" in remote.json()["detail"]
             infer = requests.post(f"http://{address}:{srv.port}/infer/medsam", params={"image": "ct_3mm"}, timeout=30)
             assert infer.status_code == 403
+
+
+def test_app_routes_replace_the_stock_ones_under_monai_label_api_str(monkeypatch):
+    """With MONAI_LABEL_API_STR=/api, MONAI Label includes its routers under /api; the app's routes
+    were put at /datastore/... beside them, and the stock ones (unchecked) stayed served at /api/...."""
+    sys.path.insert(0, str(REPO_ROOT / "apps" / "medsam"))
+    from fastapi import FastAPI
+    from fastapi.routing import APIRoute
+
+    import monailabel.endpoints.datastore as stock
+    import monailabel.endpoints.session as stock_session
+    from lib.endpoints.install import replace_all
+    from monailabel.config import settings
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_API_STR", "/api")
+    app = FastAPI()
+    app.include_router(stock.router, prefix="/api")
+    app.include_router(stock_session.router, prefix="/api")
+    app.post("/reload")(lambda: {})
+    replace_all(app)
+    served: dict[tuple[str, str], list[str]] = {}
+    for route in app.router.routes:
+        if isinstance(route, APIRoute):
+            for method in route.methods:
+                served.setdefault((method, route.path), []).append(route.endpoint.__module__)
+    assert served[("PUT", "/api/datastore/image")] == ["lib.endpoints.datastore"]
+    assert served[("PUT", "/api/datastore/label")] == ["lib.endpoints.datastore"]
+    assert served[("GET", "/api/session/{session_id}")] == ["lib.endpoints.session"]
+    assert served[("POST", "/reload")] == ["lib.endpoints.tasks"]  # MONAI Label serves it outside the prefix
+    assert not any(path.startswith(("/datastore", "/session")) for _, path in served)
+    assert not any("monailabel.endpoints" in m for (method, path), modules in served.items() for m in modules
+                   if path.startswith(("/api/datastore/image", "/api/datastore/label", "/api/session")))

@@ -1,6 +1,7 @@
 """Bad input, generated with hypothesis and thrown at the running server: boxes, clicks and ROIs
 out of bounds, zero-area, non-finite, non-numeric or huge; image, label, session and tag ids that
-are paths (relative, absolute, URL-encoded) or junk; corrupt, truncated and lying NIfTI, NRRD,
+are paths (relative, absolute, URL-encoded) or junk, and file names as hospital exports write them
+(spaces, commas, parentheses, `+`, `%`, non-ASCII: unknown, so 404, never refused for their characters); corrupt, truncated and lying NIfTI, NRRD,
 MetaImage, PNG and DICOM uploads; labels of the wrong shape, type or geometry; malformed JSON and
 multipart; bodies over the upload limit; and every route MONAI Label lists, fed hostile parameters.
 
@@ -262,12 +263,17 @@ ID_PREFIXES = ["../", "../../", "..%2F", "%2e%2e%2f", "/", "//", "..\\", "./", "
 ID_TARGETS = ["etc/passwd", "etc/hostname", "ct_3mm", "ct_3mm.nii.gz", "labels/final/ct_3mm", "proc/self/environ",
               "..", ".", str(SAMPLE_DIR / "ct_3mm.nii.gz"), str(SAMPLE_DIR / "ct_3mm"), ESCAPE]
 PATH_IDS = st.builds(lambda a, b: a + b, st.sampled_from(ID_PREFIXES), st.sampled_from(ID_TARGETS))
-# Ids that hold a path separator, `..` or NUL: no datastore id is like that, so each must be refused.
-UNSAFE_IDS = st.one_of(PATH_IDS.filter(lambda s: any(c in s for c in ("/", "\\", "..", "\x00"))),
-                       st.builds(lambda a, sep, b: a + sep + b, st.text(max_size=8), st.sampled_from(["/", "\\", "..",
-                                                                                                      "\x00"]),
-                                 st.text(max_size=8)))
+# Ids that hold a path separator or NUL, or are `.`/`..`: no file name is like that, so each must be
+# refused (apps/medsam/lib/datastore/ids.py). `..` inside a name (`a..b`) is no path.
+UNSAFE_IDS = st.one_of(PATH_IDS.filter(lambda s: any(c in s for c in ("/", "\\", "\x00")) or s in (".", "..")),
+                       st.builds(lambda a, sep, b: a + sep + b, st.text(max_size=8), st.sampled_from(["/", "\\", "\x00"]),
+                                 st.text(max_size=8)),
+                       st.sampled_from([".", ".."]))
 UNKNOWN_IDS = st.one_of(PATH_IDS, UNSAFE_IDS, st.text(max_size=30)).filter(lambda s: s not in IMAGES)
+# File names as hospital exports write them: each is a valid id, so one the datastore does not list
+# is unknown (404), not refused for its characters.
+REAL_NAMES = st.text(alphabet=string.ascii_letters + string.digits + " ,()+-_&'%#;=[]{}~!@$^.äöüßéñçøÅ患者名",
+                     min_size=1, max_size=40).filter(lambda s: s not in IMAGES and s not in (".", ".."))
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -373,8 +379,9 @@ def test_unknown_and_path_ids_are_refused_on_every_route(fuzz, image, unsafe):
         fuzz.send("GET", "/datastore/label/info", params={"label": value, "tag": "final"}, statuses=(400, 404, 422))
         fuzz.send("DELETE", "/datastore/label", params={"id": value, "tag": "final"}, statuses=(400, 404, 422))
         fuzz.send("PUT", "/datastore/label", params=q, files={"label": ("ct_3mm.nii.gz", label)}, statuses=(400, 404, 422))
-        fuzz.send("GET", f"/session/{quote(value, safe='')}", statuses=(400, 404, 405))
-        fuzz.send("DELETE", f"/session/{quote(value, safe='')}", statuses=(400, 404, 405))
+        segment = quote(value, safe="") if value not in (".", "..") else value.replace(".", "%2E")  # else the client drops it
+        fuzz.send("GET", f"/session/{segment}", statuses=(400, 404, 405))
+        fuzz.send("DELETE", f"/session/{segment}", statuses=(400, 404, 405))
     # Unsafe ids on the routes that write: refused before anything is stored.
     fuzz.send("PUT", "/datastore/image", params={"image": unsafe}, statuses=(400,),
               files={"file": ("small.nii.gz", GOOD_IMAGES["small.nii.gz"])})
@@ -383,6 +390,27 @@ def test_unknown_and_path_ids_are_refused_on_every_route(fuzz, image, unsafe):
     # The raw query: the server decodes %2F and %2e itself, and the id is no plain name.
     fuzz.send("POST", "/infer/medsam", raw_query=f"image=..%2F..%2F{quote(ESCAPE)}&output=json", files=box,
               statuses=(400,))
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(name=REAL_NAMES)
+def test_real_names_not_in_the_datastore_are_unknown_not_refused(fuzz, name):
+    """Spaces, commas, parentheses, `+`, `%`, non-ASCII...: 404 on every per-id route, as for any id
+    the datastore does not list (the app used to answer 400 "not a valid id" to such names, though
+    GET /datastore/ lists them when they are there: tests/test_hardening_names.py)."""
+    box = {"params": (None, json.dumps({"boxes": [LIVER_24]}))}
+    q, labelled = {"image": name}, {"label": name, "tag": "final"}
+    fuzz.send("POST", "/infer/medsam", params={**q, "output": "json"}, files=box, statuses=(404,))
+    fuzz.send("GET", "/datastore/image", params=q, statuses=(404,))
+    fuzz.send("HEAD", "/datastore/image", params=q, statuses=(404,))
+    fuzz.send("GET", "/datastore/image/info", params=q, statuses=(404,))
+    fuzz.send("PUT", "/datastore/image/info", params=q, data={"info": "{}"}, statuses=(404,))
+    fuzz.send("DELETE", "/datastore/image", params={"id": name}, statuses=(404,))
+    fuzz.send("PUT", "/datastore/label", params=q, files={"label": ("ct_3mm.nii.gz", GOOD_LABELS["ct_3mm.nii.gz"])},
+              statuses=(404,))
+    for method, path in (("GET", "/datastore/label"), ("GET", "/datastore/label/info"), ("DELETE", "/datastore/label")):
+        fuzz.send(method, path, params=labelled if method == "GET" else {"id": name, "tag": "final"}, statuses=(404,))
+    fuzz.send("GET", "/datastore/label", params={"label": "ct_3mm", "tag": name}, statuses=(404,))  # a tag never used
 
 
 @settings(max_examples=150, **SETTINGS)
@@ -527,7 +555,7 @@ def test_uploads_over_the_limit_get_413(fuzz):
 
 # Route parameters: no value here is a name, number, boolean or choice any route takes.
 HOSTILE = st.one_of(PATH_IDS, UNSAFE_IDS, st.text(min_size=1, max_size=20).map(lambda s: s + "/%")).filter(
-    lambda s: s.strip("/") not in ("", "medsam", "random", "draft_dice") and s not in IMAGES)
+    lambda s: s.strip("/") not in ("", ".", "..", "medsam", "random", "draft_dice") and s not in IMAGES)
 
 
 def _openapi_calls(url: str) -> list[tuple[str, str, list[str], list[str]]]:

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from app_helpers import REPO_ROOT, SAMPLE_DIR
@@ -27,6 +29,7 @@ from medsam_engine.models import file_sha256
 
 sys.path.insert(0, str(REPO_ROOT / "apps" / "medsam"))
 
+from lib.datastore.errors import LabelRejected  # noqa: E402
 from lib.datastore.local import AtomicLocalDatastore, ImageExists  # noqa: E402
 
 
@@ -93,15 +96,16 @@ def test_manifest_follows_the_served_file_after_a_publish_killed_before_its_mani
     assert reconcile_manifest(tmp_path / "none.pt") is None
 
 
-# The app's datastore in a process whose files may not grow past 1 MB (RLIMIT_FSIZE: EFBIG, a
-# real write failure without a mount): a 4 MB label over the sample's fails, then a small one is saved.
+# The app's datastore in a process whose files may not grow past 256 kB (RLIMIT_FSIZE: EFBIG, a
+# real write failure without a mount): a label of random values (about 700 kB as NIfTI) over the
+# sample's fails, then the sample's own label is saved.
 SAVE_UNDER_LIMIT = r"""
 import hashlib, json, pathlib, resource, sys
 sys.path.insert(0, sys.argv[1])
 from lib.datastore.local import AtomicLocalDatastore, StorageError
 studies, big, small = map(pathlib.Path, sys.argv[2:5])
 store = AtomicLocalDatastore(str(studies), auto_reload=False)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))
 state = lambda: {"label": hashlib.sha256((studies / "labels/final/ct_3mm.nii.gz").read_bytes()).hexdigest(),
                  "config": (studies / "datastore_v2.json").read_text(), "files": sorted(map(str, studies.rglob("*"))),
                  "info": store.get_label_info("ct_3mm", "final")}
@@ -121,19 +125,30 @@ def test_datastore_write_failure_changes_nothing_then_saving_works(tmp_path: Pat
     studies = tmp_path / "studies"
     shutil.copytree(SAMPLE_DIR, studies)
     big = tmp_path / "big.nii.gz"
-    big.write_bytes(os.urandom(4 << 20))
-    small = SAMPLE_DIR / "labels" / "final" / "mr_3mm.nii.gz"
+    sitk.WriteImage(_on_grid(np.random.default_rng(0).integers(1, 65535, (30, 101, 122), dtype=np.uint16)), str(big))
+    small = SAMPLE_DIR / "labels" / "final" / "ct_3mm.nii.gz"
     done = subprocess.run([sys.executable, "-c", SAVE_UNDER_LIMIT, str(REPO_ROOT / "apps" / "medsam"), str(studies),
                            str(big), str(small)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
+    # SimpleITK does not report the refused write: the datastore finds the file short on reading it back
     assert result["error"][0] == 27 and "could not store label ct_3mm.nii.gz: File too large" in result["error"][1]
     assert result["unchanged"]  # label file, JSON, listing, and no file left behind
     label = studies / "labels" / "final" / "ct_3mm.nii.gz"
-    assert label.read_bytes() == small.read_bytes()  # the next save went through
+    assert _voxels(label).tolist() == _voxels(small).tolist()  # the next save went through
     config = json.loads((studies / "datastore_v2.json").read_text())
     assert config["objects"]["ct_3mm"]["labels"]["final"]["info"]["user"] == "small"
     assert _temps(studies) == []
+
+
+def _on_grid(array: np.ndarray, image: str = "ct_3mm") -> sitk.Image:
+    label = sitk.GetImageFromArray(array)
+    label.CopyInformation(sitk.ReadImage(str(SAMPLE_DIR / f"{image}.nii.gz")))
+    return label
+
+
+def _voxels(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
 def test_unreadable_datastore_json_is_set_aside_and_rebuilt_and_extension_change_replaces(tmp_path: Path):
@@ -146,11 +161,18 @@ def test_unreadable_datastore_json_is_set_aside_and_rebuilt_and_extension_change
     json.loads((studies / "datastore_v2.json").read_text())
 
     nrrd = tmp_path / "label.nrrd"
-    nrrd.write_bytes(b"NRRD0004\n")  # the datastore stores files; checking them is the endpoint's job
-    store.save_label("mr_3mm", str(nrrd), "final", {})
-    finals = sorted(p.name for p in (studies / "labels" / "final").iterdir())
-    assert finals == ["ct_3mm.nii.gz", "ct_512.nii.gz", "mr_3mm.nrrd"]  # not the old mr_3mm.nii.gz beside it
-    assert store.get_label_uri("mr_3mm", "final").endswith("mr_3mm.nrrd")
+    nrrd.write_bytes(b"NRRD0004\n")
+    with pytest.raises(LabelRejected):  # the datastore checks a label against its image before storing it
+        store.save_label("mr_3mm", str(nrrd), "final", {})
+    final = studies / "labels" / "final"
+    sitk.WriteImage(sitk.ReadImage(str(final / "mr_3mm.nii.gz")), str(final / "mr_3mm.nii"))
+    (final / "mr_3mm.nii.gz").unlink()
+    store = AtomicLocalDatastore(str(studies), auto_reload=False)
+    assert store.get_label_uri("mr_3mm", "final").endswith("mr_3mm.nii")
+    sitk.WriteImage(sitk.ReadImage(str(final / "mr_3mm.nii")), str(nrrd))
+    store.save_label("mr_3mm", str(nrrd), "final", {})  # stored as .nii.gz, replacing the .nii
+    assert sorted(p.name for p in final.iterdir()) == ["ct_3mm.nii.gz", "ct_512.nii.gz", "mr_3mm.nii.gz"]
+    assert store.get_label_uri("mr_3mm", "final").endswith("mr_3mm.nii.gz")
 
 
 def _run_together(*jobs) -> None:
@@ -176,9 +198,7 @@ def _run_together(*jobs) -> None:
 def test_datastore_info_updates_racing_label_saves_are_all_kept(tmp_path: Path):
     studies = tmp_path / "studies"
     shutil.copytree(SAMPLE_DIR, studies)
-    labels = [tmp_path / f"label{i}.nii.gz" for i in range(2)]
-    for i, label in enumerate(labels):
-        label.write_bytes(os.urandom(1000 + i))  # the datastore stores files; checking them is the endpoint's job
+    labels = [sitk.GetImageFromArray(np.full((4, 5, 6), i + 1, np.uint16)) for i in range(2)]  # stored as given
     store = AtomicLocalDatastore(str(studies), auto_reload=True)  # its file watcher reconciles on every rename
     rounds = 60
 
@@ -193,8 +213,8 @@ def test_datastore_info_updates_racing_label_saves_are_all_kept(tmp_path: Path):
 
     try:
         _run_together(
-            arriving(0, lambda i: store.save_label("ct_3mm", str(labels[i % 2]), "final", {"round": i})),
-            arriving(1, lambda i: store.save_label("ct_512", str(labels[i % 2]), f"tag{i}", {})),
+            arriving(0, lambda i: store.store_label("ct_3mm", labels[i % 2], "final", {"round": i})),
+            arriving(1, lambda i: store.store_label("ct_512", labels[i % 2], f"tag{i}", {})),
             arriving(2, lambda i: store.update_image_info("ct_3mm", {f"image{i}": i})),
             arriving(3, lambda i: store.update_label_info("ct_3mm", "final", {f"label{i}": i})),
             arriving(4, lambda i: store.update_label_info("mr_3mm", "final", {f"label{i}": i})),
@@ -208,7 +228,7 @@ def test_datastore_info_updates_racing_label_saves_are_all_kept(tmp_path: Path):
         assert {f"label{i}" for i in range(rounds)} <= set(ds.get_label_info("mr_3mm", "final"))
         assert ds.get_label_info("ct_3mm", "final")["round"] == rounds - 1
         assert set(ds.get_labels_by_image_id("ct_512")) == {"final", *(f"tag{i}" for i in range(rounds))}
-    assert (studies / "labels" / "final" / "ct_3mm.nii.gz").read_bytes() == labels[(rounds - 1) % 2].read_bytes()
+    assert _voxels(studies / "labels" / "final" / "ct_3mm.nii.gz").max() == (rounds - 1) % 2 + 1
     assert _temps(studies) == []
 
 
@@ -235,7 +255,7 @@ def test_datastore_adds_an_image_id_once_when_racing(tmp_path: Path):
     for ds in (store, AtomicLocalDatastore(str(studies), auto_reload=False)):
         assert ds.get_image_info("new")["from"] == added[0].name
 
-    store.save_label("new", str(uploads[0]), "final", {})
+    store.store_label("new", sitk.GetImageFromArray(np.ones((2, 3, 4), np.uint8)), "final", {})
     with pytest.raises(ImageExists):  # an existing image's file (sample ct_3mm) is not replaced either
         store.add_image("ct_3mm", str(uploads[1]), {}, replace=False)
     store.add_image("new", str(uploads[1]), {}, replace=True)  # the default, as MONAI Label's callers expect

@@ -89,8 +89,8 @@ class OrthancServer(ServiceProcess):
     def start(self, timeout: float = 60.0) -> "OrthancServer":
         """Start Orthanc and wait until its REST API answers; raise with its log if it does not."""
         if not is_installed():
-            raise OrthancError(f"Orthanc is not installed ({ORTHANC_BINARY}, {DICOMWEB_PLUGIN}): "
-                               "run `python scripts/orthanc.py install` or apt-get install orthanc orthanc-dicomweb")
+            raise OrthancError(f"Orthanc is not installed ({ORTHANC_BINARY}, {DICOMWEB_PLUGIN}): run `bash scripts/setup.sh` "
+                               "as root (or apt-get install orthanc orthanc-dicomweb)")
         config = write_config(self.workdir, self.port)
         self.launch([str(ORTHANC_BINARY), str(config)], lambda: requests.get(f"{self.url}/system", timeout=2).ok,
                     timeout, poll=0.3)

@@ -1,4 +1,5 @@
-"""Start and stop a real `monailabel start_server --app apps/medsam` on a free loopback port."""
+"""Start and stop a real `monailabel start_server --app apps/medsam` on a free loopback port; the one
+place that builds that command line (`serve_command`: tests, benchmarks, `main.py serve`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import requests
 
@@ -20,6 +22,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def serve_command(studies: str, host: str, port: int, conf: Iterable[tuple[str, str]] = ()) -> list[str]:
+    """`monailabel start_server` with the medsam app on `studies` (a folder or a DICOMweb URL)."""
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
+               "--studies", str(studies), "--host", host, "--port", str(port)]
+    for key, value in conf:
+        command += ["--conf", key, str(value)]
+    return command
 
 
 class LabelServer(ServiceProcess):
@@ -44,11 +55,7 @@ class LabelServer(ServiceProcess):
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
-                   "--studies", self.studies, "--host", self.host, "--port", str(self.port)]
-        for key, value in self.conf.items():
-            command += ["--conf", key, str(value)]
-        return command
+        return serve_command(self.studies, self.host, self.port, self.conf.items())
 
     def start(self, timeout: float = 300.0) -> "LabelServer":
         """Start the server and wait until GET /info/ answers; on failure raise with the log's tail."""

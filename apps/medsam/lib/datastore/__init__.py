@@ -1,6 +1,7 @@
-from .dicomweb import ImageNotFound, StoreFailed, dicomweb_datastore, series_modality
-from .local import ImageExists, StorageError, local_datastore
-from .seg import LabelRejected
+from .dicomweb import dicomweb_datastore, series_modality
+from .errors import (ImageExists, ImageNotFound, InvalidId, LabelRejected, StorageError, StoreFailed, UpstreamError,
+                     UpstreamTimeout)
+from .local import local_datastore
 
-__all__ = ["ImageExists", "ImageNotFound", "LabelRejected", "StorageError", "StoreFailed", "dicomweb_datastore",
-           "local_datastore", "series_modality"]
+__all__ = ["ImageExists", "ImageNotFound", "InvalidId", "LabelRejected", "StorageError", "StoreFailed",
+           "UpstreamError", "UpstreamTimeout", "dicomweb_datastore", "local_datastore", "series_modality"]

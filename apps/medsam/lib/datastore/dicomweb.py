@@ -10,6 +10,9 @@ Differences from `monailabel.datastore.dicom.DICOMWebDatastore` as MONAI Label s
   PACS's non-image series (SEG, SR, RTSTRUCT...); MONAI_LABEL_DICOMWEB_SEARCH_FILTER still applies
   when set to anything but MONAI Label's default;
 - each series' DICOM Modality is kept, so the infer task can preprocess by it;
+- an id is held to ids.py where it becomes a path in the cache (MONAI Label joins any id to the
+  cache folder); an unknown series is `ImageNotFound`, and a server that cannot be reached or
+  refuses is `UpstreamError` (502) or `UpstreamTimeout` (504) with its reason, not a missing image;
 - the local cache (converted series, label copies for training, its JSON) is written atomically,
   as the local datastore is (local.py): a crash mid-write does not stop the next start.
 """
@@ -18,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from typing import Any, Dict, List, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional
 
 import requests
 import SimpleITK as sitk
@@ -32,6 +35,8 @@ from pydicom.dataset import Dataset
 from medsam_engine import EngineInputError
 from medsam_engine.preprocess import normalise_modality
 
+from lib.datastore.errors import ImageNotFound, StoreFailed, UpstreamError, UpstreamTimeout
+from lib.datastore.ids import check_name, inside
 from lib.datastore.local import AtomicLocalDatastore
 from lib.datastore.seg import read_label, read_series, write_seg
 from monailabel.config import settings
@@ -46,14 +51,6 @@ NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECO
 MONAI_LABEL_DEFAULT_FILTER = {"Modality": "CT"}
 
 
-class ImageNotFound(LookupError):
-    """No series with this id on the DICOMweb server."""
-
-
-class StoreFailed(RuntimeError):
-    """The DICOMweb server did not store the SEG."""
-
-
 class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
     def __init__(self, client: DICOMwebClient, search_filter: Dict[str, Any], **kwargs: Any) -> None:
         self._modalities: Dict[str, str] = {}
@@ -62,7 +59,9 @@ class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
     @cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY))
     def list_images(self) -> List[str]:
         images = []
-        for item in self._client.search_for_series(search_filters=self._search_filter):
+        with self.pacs():
+            found = self._client.search_for_series(search_filters=self._search_filter)
+        for item in found:
             meta = Dataset.from_json(item)
             modality = str(meta.get("Modality", "") or "").upper()
             if modality in NON_IMAGE_MODALITIES:
@@ -72,8 +71,35 @@ class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
             images.append(uid)
         return images
 
+    @contextmanager
+    def pacs(self) -> Iterator[None]:
+        """Requests to the DICOMweb server inside: its failures raised as UpstreamError (502) or
+        UpstreamTimeout (504), naming the server and its reason."""
+        try:
+            yield
+        except requests.Timeout as exc:
+            raise UpstreamTimeout(f"the DICOMweb server {self.name()} did not answer in time: {exc}") from exc
+        except requests.HTTPError as exc:
+            raise UpstreamError(f"the DICOMweb server {self.name()} answered {exc}") from exc
+        except requests.RequestException as exc:
+            raise UpstreamError(f"the DICOMweb server {self.name()} cannot be reached: {exc}") from exc
+
+    def find_series(self, image_id: str) -> Optional[Dataset]:
+        """The series' QIDO answer, None when the server has no series with this UID."""
+        with self.pacs():
+            found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+        matches = [Dataset.from_json(item) for item in found or ()]
+        return next((m for m in matches if str(m.get("SeriesInstanceUID", "")) == image_id), None)
+
     def get_image_uri(self, image_id: str) -> str:
-        uri = super().get_image_uri(image_id)
+        """The series in the local cache (downloaded and converted on first use): InvalidId for an id
+        that is no file name in the cache, ImageNotFound when the server has no such series."""
+        cached = os.path.join(self._datastore.image_path(), check_name(image_id, "image id"))
+        inside(self._datastore_path, cached, repr(image_id))
+        if not (os.path.isdir(cached) and os.listdir(cached)) and self.find_series(image_id) is None:
+            raise ImageNotFound(f"unknown image id {image_id!r}: no such series on {self.name()}")
+        with self.pacs():
+            uri = super().get_image_uri(image_id)
         registered = LocalDatastore.get_image_uri(self, image_id)
         if registered and os.path.exists(registered) and os.path.realpath(uri) != os.path.realpath(registered):
             # On first use MONAI Label converts the series to a temporary NIfTI, registers a copy of
@@ -82,6 +108,13 @@ class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
             return registered
         return uri
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """MONAI Label's (a final label is downloaded from its SEG), with the ids held to ids.py."""
+        folder = os.path.join(self._datastore.label_path(check_name(label_tag, "tag")), check_name(label_id, "label id"))
+        inside(self._datastore_path, folder, repr(label_id))
+        with self.pacs():
+            return super().get_label_uri(label_id, label_tag, image_id)
+
     def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
         # One entry per series, however many SEGs reference it.
         return list(dict.fromkeys(super().get_labeled_images(label_tag, labels)))
@@ -89,10 +122,10 @@ class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
     def modality(self, image_id: str) -> str:
         """The series' DICOM Modality ("" when the server does not know the series)."""
         if image_id not in self._modalities:
-            found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
-            if not found:
+            found = self.find_series(image_id)
+            if found is None:
                 return ""
-            self._modalities[image_id] = str(Dataset.from_json(found[0]).get("Modality", "") or "").upper()
+            self._modalities[image_id] = str(found.get("Modality", "") or "").upper()
         return self._modalities[image_id]
 
     def forget_listings(self) -> None:
@@ -102,8 +135,7 @@ class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
-        if not self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id}):
-            raise ImageNotFound(f"unknown image id {image_id!r}: no such series on {self.name()}")
+        check_name(label_tag, "tag")
         self.get_image_uri(image_id)  # downloads the series into the cache (and converts it, as configured)
         reference, files = read_series(os.path.join(self._datastore.image_path(), image_id))
         label = read_label(label_filename, reference)
@@ -116,6 +148,8 @@ class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
         seg = write_seg(label, files, label_info, description="MedSAM label")
         try:
             result = self._client.store_instances([seg])
+        except requests.Timeout as exc:
+            raise UpstreamTimeout(f"{self.name()} did not answer in time storing the DICOM SEG: {exc}") from exc
         except requests.RequestException as exc:
             raise StoreFailed(f"{self.name()} did not store the DICOM SEG: {exc}") from exc
         if result is not None and result.get("FailedSOPSequence"):
@@ -131,13 +165,7 @@ class MedSAMDICOMwebDatastore(DICOMWebDatastore, AtomicLocalDatastore):
         reads it (only when the series was converted and registered there, as MONAI Label does)."""
         if image_id not in self._datastore.objects:
             return image_id
-        fd, path = tempfile.mkstemp(prefix="medsam-label-", suffix=".nii.gz")
-        os.close(fd)
-        try:
-            sitk.WriteImage(label, path, True)
-            return AtomicLocalDatastore.save_label(self, image_id, path, label_tag, label_info)
-        finally:
-            os.unlink(path)
+        return self.store_label(image_id, label, label_tag, label_info)
 
 
 def _search_filter() -> Dict[str, Any]:

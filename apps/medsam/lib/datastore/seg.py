@@ -16,6 +16,8 @@ import pydicom_seg
 import SimpleITK as sitk
 from monailabel.datastore.utils.colors import GENERIC_ANATOMY_COLORS
 
+from lib.datastore.errors import LabelRejected
+
 # Colours for names MONAI Label's anatomy table does not know, by segment number.
 PALETTE = ((255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (200, 0, 255), (0, 220, 220))
 
@@ -24,10 +26,6 @@ PALETTE = ((255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (200, 0, 255),
 SPACING_RTOL = 1e-3
 DIRECTION_ATOL = 1e-3
 ORIGIN_ATOL_VOXELS = 0.05
-
-
-class LabelRejected(ValueError):
-    """A label that cannot be stored as given (unreadable, empty, or not on the image's grid)."""
 
 
 @dataclass(frozen=True)

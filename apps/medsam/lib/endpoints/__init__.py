@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import sys
-from typing import Any
 
-from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
-logger = logging.getLogger(__name__)
+from monailabel.config import settings
 
-# Ids a client may name (image, label tag): one file name, no path. Hand-written: no library checks this.
-SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+logger = logging.getLogger(__name__)
 
 
 def server_app() -> FastAPI | None:
@@ -35,8 +31,9 @@ def _route_lists(app: FastAPI) -> list[tuple[str, list]]:
     return lists
 
 
-def replace_routes(router: APIRouter, app: FastAPI | None = None) -> bool:
-    """Put each of `router`'s routes in place of the running server's routes with the same path and
+def replace_routes(router: APIRouter, app: FastAPI | None = None, prefix: str | None = None) -> bool:
+    """Put each of `router`'s routes, under `prefix` (MONAI_LABEL_API_STR, where MONAI Label
+    includes its own routers), in place of the running server's routes with the same path and
     method: those are removed, ours go first, in their order (Starlette takes the first match).
 
     Ours are rebuilt bound to the app, so they see its `dependency_overrides` (see lib.endpoints.auth),
@@ -46,38 +43,20 @@ def replace_routes(router: APIRouter, app: FastAPI | None = None) -> bool:
     app = app or server_app()
     if app is None:
         return False
+    prefix = settings.MONAI_LABEL_API_STR if prefix is None else prefix
     bound = []
     for ours in router.routes:
         assert isinstance(ours, APIRoute)
-        for prefix, routes in _route_lists(app):
-            routes[:] = [r for r in routes if not (isinstance(r, APIRoute) and prefix + r.path == ours.path
+        path = prefix + ours.path
+        for included, routes in _route_lists(app):
+            routes[:] = [r for r in routes if not (isinstance(r, APIRoute) and included + r.path == path
                                                    and r.methods & ours.methods)]
         bound.append(APIRoute(
-            ours.path, ours.endpoint, methods=ours.methods, name=ours.name, summary=ours.summary, tags=ours.tags,
+            path, ours.endpoint, methods=ours.methods, name=ours.name, summary=ours.summary, tags=ours.tags,
             include_in_schema=ours.include_in_schema, deprecated=ours.deprecated, response_model=ours.response_model,
             dependency_overrides_provider=app))
-        logger.info("MedSAM app: %s %s served by %s", ",".join(sorted(ours.methods)), ours.path,
+        logger.info("MedSAM app: %s %s served by %s", ",".join(sorted(ours.methods)), path,
                     ours.endpoint.__module__)
     app.router.routes[:0] = bound  # in the router's order: /proxy/dicom/qido/{path} before /proxy/dicom/{path}
     app.openapi_schema = None
     return True
-
-
-def json_object(text: str, field: str = "params") -> dict[str, Any]:
-    """A form field holding a JSON object (empty means {}); anything else is a 400."""
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise HTTPException(status_code=400, detail=f"{field} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise HTTPException(status_code=400, detail=f"{field} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def safe_id(value: str, field: str) -> str:
-    """`value` when it is a plain name (letters, digits, `_.-`, not `..`), else a 400: ids become
-    file names in the datastore, and no client-given name may lead out of it."""
-    if not SAFE_ID.fullmatch(value) or ".." in value:
-        raise HTTPException(status_code=400, detail=f"{field} {value!r} is not a valid id: use letters, digits "
-                                                    "and _ . - (no path, at most 200 characters)")
-    return value

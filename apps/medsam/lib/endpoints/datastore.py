@@ -1,54 +1,48 @@
-"""The app's /datastore image routes and info updates, in place of MONAI Label's own.
+"""The app's /datastore routes, in place of MONAI Label's own.
 
-MONAI Label's PUT /datastore/image turns the `image` query (or the file name) into a file name in
-the datastore unchecked (`?image=../../x` writes outside it), stores any bytes as an image, and
-replaces an existing image of the same id; its info updates, image removal and checksum check
-answer 500 to malformed JSON, unknown ids or an unknown hash, and its info reads and label removal
-answer 200 for ids it does not have. Its checksum check always answers 404 (it compares a bare hex
-digest with "SHA256:hex"). With a DICOMweb datastore, MONAI Label joins any id to its cache folder.
+MONAI Label's PUT /datastore/image stores any bytes as an image and replaces an existing image of
+the same id; its info updates, image removal and checksum check answer 500 to malformed JSON,
+unknown ids or an unknown hash, and its info reads and label removal answer 200 for ids it does not
+have. Its checksum check always answers 404 (it compares a bare hex digest with "SHA256:hex").
 These routes keep the interface and:
 
-- accept only plain ids (`safe_id`), on every route, and files the engine reads whole
-  (`check_image`): else 400;
-- refuse to replace an existing image (409) and uploads to a remote datastore (405);
-- answer 404 to unknown images and labels, 400 to malformed JSON, 507 when the disk refuses a write.
+- store only files the engine reads whole (`check_image`, else 400), never over an existing image
+  (409), and not into a remote datastore (501: upload there);
+- answer 404 to unknown images and labels, 400 to malformed JSON.
+
+Which ids are valid is the datastore's rule (lib/datastore/ids.py); which error gets which status
+is lib/endpoints/errors.py's; a label's checks are the datastore's `save_label`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Optional
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
 from medsam_engine.imageio import IMAGE_EXTENSIONS, extension_of
 
-from lib.datastore import ImageExists, StorageError
-from lib.endpoints import json_object, replace_routes, safe_id
-from lib.endpoints.uploads import check_image, saved
+from lib.datastore import ImageNotFound
+from lib.endpoints.params import LabelParams, parse
+from lib.datastore.checks import check_image, check_label
+from lib.endpoints.uploads import saved
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
-from monailabel.endpoints.datastore import download_label, remove_image
 from monailabel.endpoints.user.auth import RBAC, User
-from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.exception import LabelNotFoundException
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import file_checksum, get_mime_type
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/datastore", tags=["Datastore"])
 
 CHECKSUM_ALGORITHMS = ("SHA256", "SHA512", "MD5")  # what MONAI Label's file_checksum computes
 
 
-def local_datastore() -> Datastore | None:
-    """The server's datastore when it is a folder on this server (not DICOMweb, XNAT or DSA)."""
-    datastore = app_instance().datastore()
-    is_local = isinstance(datastore, LocalDatastore) and not isinstance(datastore, DICOMWebDatastore)
-    return datastore if is_local else None
+def datastore() -> Datastore:
+    return app_instance().datastore()
 
 
 def upload_extensions() -> tuple[str, ...]:
@@ -58,15 +52,10 @@ def upload_extensions() -> tuple[str, ...]:
 
 
 def image_uri(image: str) -> str:
-    """The server path of datastore image `image`: 400 unless it is a plain id, 404 when unknown."""
-    image = safe_id(image, "image id")
-    try:
-        path = app_instance().datastore().get_image_uri(image)
-    except Exception as exc:  # remote datastores raise their client's errors for unknown series
-        logger.info("image %r not found in the datastore: %s", image, exc)
-        path = ""
+    """The server path of datastore image `image` (ImageNotFound when the datastore has none)."""
+    path = datastore().get_image_uri(image)
     if not path:
-        raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: not in this server's datastore")
+        raise ImageNotFound(f"unknown image id {image!r}: not in this server's datastore")
     return path
 
 
@@ -75,6 +64,14 @@ def image_file(image: str) -> str:
     path = image_uri(image)
     if not os.path.isfile(path):
         raise HTTPException(status_code=404, detail=f"image {image!r} is no single file on this server")
+    return path
+
+
+def label_file(label: str, tag: str) -> str:
+    """The file of label `label` with tag `tag` (LabelNotFoundException when there is none)."""
+    path = datastore().get_label_uri(label, tag)
+    if not path or not os.path.isfile(path):
+        raise LabelNotFoundException(f"no label {label!r} with tag {tag!r}")
     return path
 
 
@@ -89,51 +86,39 @@ def checksum_matches(path: str, check_sum: str) -> bool:
     return file_checksum(path, algo=algo) == f"{algo}:{digest.lower()}"
 
 
-def label_ids(label: str, tag: str) -> tuple[str, str]:
-    """The label id and tag a client gave, each a plain id (`safe_id`): else 400."""
-    return safe_id(label, "label id"), safe_id(tag, "tag")
+def with_user(values: dict, user: User) -> dict:
+    if user and user.username:
+        values["user"] = user.username
+    return values
 
 
 @router.put("/", summary=f"{RBAC_ANNOTATOR}Upload new Image", include_in_schema=False, deprecated=True)
 @router.put("/image", summary=f"{RBAC_ANNOTATOR}Upload new Image")
-def api_add_image(
-    image: Optional[str] = None,
-    params: str = Form("{}"),
-    file: UploadFile = File(...),
-    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
-):
-    info = json_object(params)
-    datastore = local_datastore()
-    if datastore is None:
-        raise HTTPException(status_code=405, detail="this server's images come from a remote store (DICOMweb, XNAT "
+def api_add_image(image: Optional[str] = None, params: str = Form("{}"), file: UploadFile = File(...),
+                  user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    info = with_user(parse(params), user)
+    store = datastore()
+    if not isinstance(store, LocalDatastore) or isinstance(store, DICOMWebDatastore):
+        raise HTTPException(status_code=501, detail="this server's images come from a remote store (DICOMweb, XNAT "
                                                     "or DSA): upload there, or create a session (PUT /session/)")
     with saved(file) as path:
         ext = extension_of(path.name)
         if ext not in upload_extensions():
             raise HTTPException(status_code=400, detail=f"file {path.name!r}: the name must end in one of "
                                                         f"{', '.join(upload_extensions())}")
-        image_id = safe_id(image or path.name[: -len(ext)], "image id")
-        if datastore.get_image_uri(image_id):
+        image_id = image or path.name[: -len(ext)]
+        if store.get_image_uri(image_id):  # before reading the file; checked again under the lock
             raise HTTPException(status_code=409, detail=f"image {image_id!r} exists: remove it first or pick another id")
         check_image(path)
-        if user.username:
-            info["user"] = user.username
-        try:
-            return {"image": datastore.add_image(image_id, str(path), info, replace=False)}
-        except ImageExists as exc:  # stored by a request that passed the check above meanwhile
-            raise HTTPException(status_code=409, detail=str(exc)) from None
-        except StorageError as exc:
-            raise HTTPException(status_code=507, detail=str(exc)) from None
+        return {"image": store.add_image(image_id, str(path), info, replace=False)}
 
 
 @router.delete("/", summary=f"{RBAC_ADMIN}Remove Image and corresponding labels", include_in_schema=False,
                deprecated=True)
 @router.delete("/image", summary=f"{RBAC_ADMIN}Remove Image and corresponding labels")
 def api_remove_image(id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
-    try:
-        return remove_image(safe_id(id, "image id"), user.username)
-    except ImageNotFoundException:
-        raise HTTPException(status_code=404, detail=f"unknown image id {id!r}") from None
+    datastore().remove_image(id)
+    return {}
 
 
 @router.head("/image", summary=f"{RBAC_USER}Check If Image Exists")
@@ -154,80 +139,62 @@ def api_download_image(image: str, user: User = Depends(RBAC(settings.MONAI_LABE
 @router.get("/image/info", summary=f"{RBAC_USER}Get Image Info")
 def api_get_image_info(image: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
     image_uri(image)
-    return app_instance().datastore().get_image_info(image)
+    return datastore().get_image_info(image)
 
 
 @router.put("/image/info", summary=f"{RBAC_ANNOTATOR}Update Image Info")
 def api_put_image_info(image: str, info: str = Form("{}"),
                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
-    image = safe_id(image, "image id")
-    values = json_object(info, "info")
-    if user.username:
-        values["user"] = user.username
-    try:
-        return app_instance().datastore().update_image_info(image, values)
-    except ImageNotFoundException:
-        raise HTTPException(status_code=404, detail=f"unknown image id {image!r}") from None
-    except StorageError as exc:
-        raise HTTPException(status_code=507, detail=str(exc)) from None
+    return datastore().update_image_info(image, with_user(parse(info, field="info"), user))
 
 
-def known_label(label: str, tag: str) -> Datastore:
-    """The datastore, when it holds label `label` with tag `tag` (plain ids, else 400); else 404."""
-    label, tag = label_ids(label, tag)
-    datastore = app_instance().datastore()
-    if not datastore.get_label_uri(label, tag):
-        raise HTTPException(status_code=404, detail=f"no label {label!r} with tag {tag!r}")
-    return datastore
+@router.put("/label", summary=f"{RBAC_ANNOTATOR}Save Finished Label")
+def api_save_label(image: str, params: str = Form("{}"), tag: str = DefaultLabelTag.FINAL.value,
+                   label: UploadFile = File(...), user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    """The label is checked (`check_label`: a sane file; the datastore's `save_label`: on the
+    image's grid) before anything is stored; a DICOMweb datastore stores it as DICOM SEG."""
+    info = with_user(parse(params, LabelParams), user)
+    image_uri(image)
+    with saved(label) as path:
+        check_label(path)
+        label_id = datastore().save_label(image, str(path), tag or DefaultLabelTag.FINAL.value, info)
+    result = app_instance().on_save_label(image, label_id) or {}
+    return {**result, "image": image, "label": label_id}
 
 
 @router.get("/label/info", summary=f"{RBAC_USER}Get Label Info")
 def api_get_label_info(label: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-    return known_label(label, tag).get_label_info(label, tag)
+    label_file(label, tag)
+    return datastore().get_label_info(label, tag)
 
 
 @router.get("/label", summary=f"{RBAC_USER}Download Label")
 def api_download_label(label: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-    return download_label(*label_ids(label, tag))
+    path = label_file(label, tag)
+    return FileResponse(path, media_type=get_mime_type(path), filename=os.path.basename(path))
 
 
 @router.head("/label", summary=f"{RBAC_USER}Check If Label Exists")
 def api_check_label(image: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-    return download_label(*label_ids(image, tag), check_only=True)
+    label_file(image, tag)
+    return {}
 
 
 @router.delete("/label", summary=f"{RBAC_ADMIN}Remove Label")
 def api_remove_label(id: str, tag: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
-    known_label(id, tag).remove_label(id, tag)
+    label_file(id, tag)
+    datastore().remove_label(id, tag)
     return {}
-
-
-def update_label_info(label: str, tag: str, text: str, field: str, user: User):
-    label, tag = label_ids(label, tag)
-    values = json_object(text, field)
-    if user.username:
-        values["user"] = user.username
-    try:
-        return app_instance().datastore().update_label_info(label, tag, values)
-    except LabelNotFoundException:
-        raise HTTPException(status_code=404, detail=f"no label {label!r} with tag {tag!r}") from None
-    except StorageError as exc:
-        raise HTTPException(status_code=507, detail=str(exc)) from None
 
 
 @router.put("/label/info", summary=f"{RBAC_ANNOTATOR}Update Label Info")
 def api_put_label_info(label: str, tag: str, info: str = Form("{}"),
                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
-    return update_label_info(label, tag, info, "info", user)
+    return datastore().update_label_info(label, tag, with_user(parse(info, field="info"), user))
 
 
 @router.put("/updatelabelinfo", summary=f"{RBAC_ANNOTATOR}Update label info", include_in_schema=False,
             deprecated=True)
 def api_update_label_info(label: str, tag: str, params: str = Form("{}"),
                           user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
-    return update_label_info(label, tag, params, "params", user)
-
-
-def install(app: FastAPI | None = None) -> bool:
-    """Put these routes in place of MONAI Label's in the running server's app."""
-    return replace_routes(router, app)
+    return datastore().update_label_info(label, tag, with_user(parse(params), user))

@@ -8,33 +8,34 @@
   its filters) and fetches with blocking `requests` inside an `async` handler, so every OHIF fetch
   holds up the whole server; this one answers 404 without a DICOMweb server, 400 to a path that
   would leave the DICOMweb root, 502 when the PACS cannot be reached and 504 when it does not
-  answer in time, and forwards the query, fetching in the thread pool.
-- GET /logs/gpu: 404 instead of 500 when there is no nvidia-smi.
+  answer in time, and forwards the query, fetching in the thread pool (a Google Healthcare
+  API token too: MONAI Label's proxy fetched it on the event loop).
+- GET /logs/gpu: 404 instead of 500 when there is no nvidia-smi, and nvidia-smi run in the thread
+  pool (MONAI Label's ran it on the event loop), at most 30 s.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from urllib.parse import unquote
 
 import requests
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 import monailabel.endpoints.ohif
-from lib.endpoints import replace_routes
 from lib.endpoints.guard import path_problem
 from monailabel.config import RBAC_ADMIN, settings
-from monailabel.endpoints.logs import gpu_info
-from monailabel.endpoints.proxy import proxy_dicom
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.utils.others.generic import get_mime_type
 
 router = APIRouter()
 
 PROXY_TIMEOUT_S = (10, 120)  # connect, read
+GPU_INFO_TIMEOUT_S = 30
 PASSED_HEADERS = {"content-type", "etag", "last-modified", "cache-control"}  # the body is sent decoded, whole
 OHIF_DIR = os.path.realpath(os.path.join(os.path.dirname(monailabel.endpoints.ohif.__file__), "static", "ohif"))
 
@@ -58,16 +59,18 @@ async def forward(request: Request, op: str, path: str):
         previous, decoded = decoded, unquote(decoded)
     if path_problem(decoded):
         raise HTTPException(status_code=400, detail=f"proxy path {path!r} leaves the DICOMweb root")
-    if "googleapis.com" in settings.MONAI_LABEL_STUDIES:  # Google's token refresh: MONAI Label's proxy
-        return await proxy_dicom(request, op, path)
     url = f"{settings.MONAI_LABEL_STUDIES.rstrip('/')}/{_proxy_path(op, path)}"
     body = await request.body() if request.method == "POST" else None
     headers = {"Accept": request.headers.get("accept", "*/*")}
     if body is not None:
         headers["Content-Type"] = request.headers.get("content-type", "application/dicom")
+    auth = _pacs_auth()
     try:
+        if "googleapis.com" in settings.MONAI_LABEL_STUDIES:  # Google Healthcare API: a bearer token, as MONAI Label's
+            headers["Authorization"] = f"Bearer {await run_in_threadpool(_google_token)}"
+            auth = None
         answer = await run_in_threadpool(requests.request, request.method, url, params=list(request.query_params.multi_items()),
-                                         data=body, headers=headers, auth=_pacs_auth(), timeout=PROXY_TIMEOUT_S)
+                                         data=body, headers=headers, auth=auth, timeout=PROXY_TIMEOUT_S)
     except requests.Timeout as exc:
         raise HTTPException(status_code=504, detail=f"the DICOMweb server did not answer in time: {exc}") from None
     except requests.RequestException as exc:
@@ -90,6 +93,20 @@ def _pacs_auth() -> tuple[str, str] | None:
     return (user, password) if user and password else None
 
 
+def _google_token() -> str:
+    """An access token from the Google application default credentials (blocking: call in a thread)."""
+    import google.auth
+    import google.auth.exceptions
+    import google.auth.transport.requests
+
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        credentials.refresh(google.auth.transport.requests.Request())
+    except google.auth.exceptions.GoogleAuthError as exc:
+        raise HTTPException(status_code=502, detail=f"no Google Cloud credentials for the DICOMweb server: {exc}") from None
+    return credentials.token
+
+
 def _proxy_route(op: str) -> None:
     prefix = f"/proxy/dicom/{op}/" if op else "/proxy/dicom/"
 
@@ -105,12 +122,11 @@ for _op in ("wado", "qido", "stow", ""):
 
 
 @router.get("/logs/gpu", tags=["Others"], summary=f"{RBAC_ADMIN}Get GPU Info (nvidia-smi)")
-async def api_gpu_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+def api_gpu_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
     if shutil.which("nvidia-smi") is None:
         raise HTTPException(status_code=404, detail="no nvidia-smi on this server (no NVIDIA GPU driver)")
-    return await gpu_info(user)
-
-
-def install(app: FastAPI | None = None) -> bool:
-    """Put these routes in place of MONAI Label's in the running server's app."""
-    return replace_routes(router, app)
+    try:
+        done = subprocess.run(["nvidia-smi"], capture_output=True, timeout=GPU_INFO_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise HTTPException(status_code=504, detail=f"nvidia-smi did not answer in {GPU_INFO_TIMEOUT_S} s") from None
+    return Response(content=done.stdout or done.stderr, media_type="text/plain")

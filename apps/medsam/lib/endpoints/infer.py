@@ -5,11 +5,10 @@ exception a task raises, reads an image id that happens to be an existing path o
 that file, and runs the inference inside an `async` handler, which blocks the event loop. This
 route keeps its interface and its parts (the app's `infer`, sessions, `send_response`) but:
 
-- answers 400 to malformed `params` and to input the task rejects (`EngineInputError`), 404 to
-  an unknown image id, session or task, each with a message saying what is wrong;
+- takes the parameters as the multipart field `params` (as Slicer and OHIF send them) or as a
+  JSON body (`Content-Type: application/json`, as a script would), checked by `InferParams`;
 - resolves image ids through the datastore only (an upload or a session is the way to send a file),
-  plain ids only (`safe_id`: else 400), and session ids only as ids of the session store
-  (`check_session_id`);
+  and session ids only as ids of the session store (`check_session_id`);
 - answers 400 to `output=dicom_seg` before running anything: no task of this app makes a DICOM SEG
   result (MONAI Label answered 500 after the inference, leaving the result file behind);
 - reads no uploaded file whose header declares an absurd size (`check_header`), and removes an
@@ -24,37 +23,39 @@ import logging
 from contextlib import ExitStack
 from typing import Any, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.background import BackgroundTasks
-from medsam_engine import EngineInputError
 
-from lib.endpoints import json_object, replace_routes
-from lib.endpoints.datastore import image_uri
-from lib.endpoints.session import check_session_id
-from lib.endpoints.uploads import check_header, saved
 from lib.datastore import series_modality
+from lib.endpoints.datastore import image_uri
+from lib.endpoints.params import InferParams, parse
+from lib.endpoints.session import check_session_id
+from lib.endpoints.tasks import known
+from lib.datastore.checks import check_header
+from lib.endpoints.uploads import saved
 from lib.infers.medsam import MODEL_PARAM
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix=f"{settings.MONAI_LABEL_API_STR}/infer", tags=["Infer"])
+router = APIRouter(prefix="/infer", tags=["Infer"])
 
 
-def parse_params(text: str) -> dict[str, Any]:
-    """The form field `params`: a JSON object. Its `model` (the engine model) is renamed, since
-    MONAI Label's request uses `model` for the task; `image` may only come from the query."""
-    params = json_object(text)
-    if "image" in params:
+async def infer_params(request: Request, params: str = Form("{}")) -> dict[str, Any]:
+    """The request's parameters: the form field `params`, or the body when it is JSON. Their
+    `model` (the engine model) is renamed, since MONAI Label's request uses `model` for the task;
+    `image` may only come from the query."""
+    is_json = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+    values = parse(await request.body() if is_json else params, InferParams)
+    if "image" in values:
         raise HTTPException(status_code=400, detail="params may not set `image`: pass ?image=<id>, a file or a session")
-    if "model" in params:
-        params[MODEL_PARAM] = params.pop("model")
-    return params
+    if "model" in values:
+        values[MODEL_PARAM] = values.pop("model")
+    return values
 
 
 def resolve_image(instance: MONAILabelApp, image: str, session_id: str, file: UploadFile | None,
@@ -81,7 +82,7 @@ def api_run_inference(
     model: str,
     image: str = "",
     session_id: str = "",
-    params: str = Form("{}"),
+    params: dict = Depends(infer_params),
     file: UploadFile = File(None),
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
@@ -89,24 +90,13 @@ def api_run_inference(
     if output == ResultType.dicom_seg:
         raise HTTPException(status_code=400, detail="output=dicom_seg is not supported by this app: use image, json "
                                                     "or all (save a label to store it as DICOM SEG)")
+    known("models", model, "model")
     instance: MONAILabelApp = app_instance()
-    request = parse_params(params)
-    request["model"] = model
+    request = {**params, "model": model}
     with ExitStack() as files:  # an uploaded image is removed once inference is done, failed or not
         request["image"] = resolve_image(instance, image, session_id, file, files)
         if image and not file and not session_id and not request.get("modality"):
             request["modality"] = series_modality(instance.datastore(), image)  # a DICOM series' own Modality
         logger.info("Infer Request: %s", request)
-        try:
-            result = instance.infer(request)
-        except EngineInputError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
-        except MONAILabelException as exc:
-            status = 404 if exc.error == MONAILabelError.INVALID_INPUT else 500
-            raise HTTPException(status_code=status, detail=exc.msg) from None
+        result = instance.infer(request)
     return send_response(instance.datastore(), result, output, background_tasks)
-
-
-def install(app: FastAPI | None = None) -> bool:
-    """Put this route in place of MONAI Label's POST /infer/{model} in the running server's app."""
-    return replace_routes(router, app)

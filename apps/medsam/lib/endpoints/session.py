@@ -22,12 +22,12 @@ import zipfile
 from pathlib import Path
 from typing import List
 
-from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse
 
-from lib.endpoints import replace_routes
 from lib.endpoints.guard import DEFAULT_MAX_UPLOAD_MB
-from lib.endpoints.uploads import check_image, spool
+from lib.datastore.checks import check_image
+from lib.endpoints.uploads import spool
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.session import remove_session
 from monailabel.endpoints.user.auth import RBAC, User
@@ -51,7 +51,7 @@ def check_session_id(session_id: str) -> str:
 def _sessions() -> Sessions:
     sessions = app_instance().sessions()
     if sessions is None:
-        raise HTTPException(status_code=406, detail="Session Feature is Not Enabled")
+        raise HTTPException(status_code=501, detail="sessions are not enabled on this server (MONAI_LABEL_SESSIONS)")
     return sessions
 
 
@@ -146,8 +146,3 @@ def api_get_session(session_id: str, update_ts: bool = False, image: bool = Fals
 @router.delete("/{session_id}", summary=f"{RBAC_USER}Delete Session")
 def api_remove_session(session_id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
     return remove_session(check_session_id(session_id))
-
-
-def install(app: FastAPI | None = None) -> bool:
-    """Put these routes in place of MONAI Label's in the running server's app."""
-    return replace_routes(router, app)

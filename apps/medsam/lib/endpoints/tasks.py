@@ -6,29 +6,31 @@ start a subprocess (which loads the whole app) that fails later; /activelearning
 routes answer 404 to a name the app does not have, and otherwise:
 
 - train, scoring, active learning: MONAI Label's own code, run in FastAPI's thread pool (a
-  `run_sync` request no longer blocks the server); a strategy's input error is a 400;
+  `run_sync` request no longer blocks the server);
 - batch and whole-slide inference: 400, since `medsam` segments what a box encloses and has no
   prompt-free or whole-slide mode;
-- model upload: 405, since this app's weights come from training or `--conf checkpoint`.
+- model upload: 501, since this app's weights come from training or `--conf checkpoint`.
+
+MONAI Label's POST /reload (no role check) drops its cached app, so that the next request builds a
+second app and model while the first one's threads keep the old model and caches alive; here it is
+refused (501): restart the server to load a changed app.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException
-from medsam_engine import EngineInputError
+from fastapi import APIRouter, Depends, HTTPException
 
-from lib.endpoints import replace_routes
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.endpoints.activelearning import sample
 from monailabel.endpoints.scoring import run_method
 from monailabel.endpoints.train import run_model
 from monailabel.endpoints.user.auth import RBAC, User
-from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 
 router = APIRouter()
+root = APIRouter()  # MONAI Label serves /reload outside MONAI_LABEL_API_STR
 
 
 def known(kind: str, name: str, what: str) -> None:
@@ -46,10 +48,7 @@ def api_sample(strategy: str, params: Optional[dict] = None,
     known("strategies", strategy, "strategy")
     if params and "strategy" in params:
         raise HTTPException(status_code=400, detail="name the strategy in the URL, not in the body")
-    try:
-        return sample(strategy, params, user.username)
-    except (EngineInputError, MONAILabelException) as exc:
-        raise HTTPException(status_code=400, detail=str(getattr(exc, "msg", exc))) from None
+    return sample(strategy, params, user.username)
 
 
 @router.post("/train/{model}", tags=["Train"], summary=f"{RBAC_ADMIN} Run Training Task for specific model")
@@ -82,10 +81,11 @@ def api_wsi_infer(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUT
 @router.put("/model/{model}", tags=["Model"], summary=f"{RBAC_ADMIN}Upload/Update Model File")
 def api_update_model(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
     known("models", model, "model")
-    raise HTTPException(status_code=405, detail="this server does not take weights by upload: train them "
+    raise HTTPException(status_code=501, detail="this server does not take weights by upload: train them "
                                                 f"(POST /train/{model}) or start it with --conf checkpoint PATH")
 
 
-def install(app: FastAPI | None = None) -> bool:
-    """Put these routes in place of MONAI Label's in the running server's app."""
-    return replace_routes(router, app)
+@root.post("/reload", include_in_schema=False)
+def api_reload():
+    raise HTTPException(status_code=501, detail="this app is not reloaded in place (a second model would load beside "
+                                                "the first): restart the server")
