@@ -8,7 +8,7 @@ import pytest
 from engine_helpers import dice, make_volume
 from medsam_engine import Box3DPrompt, KeySlicesPrompt, Segmenter
 from medsam_engine.geometry import Box, mask_box
-from medsam_engine.propagation import interpolate_boxes, propagate
+from medsam_engine.propagation import PropagationRule, interpolate_boxes, propagate
 
 
 def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, float, float],
@@ -17,19 +17,26 @@ def ellipsoid(shape: tuple[int, int, int], centre: tuple[float, float, float],
     return ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 <= 1
 
 
-class ThresholdSegmenter:
-    """A deterministic slice segmenter: everything bright inside the box (ends inclusive)."""
+class ThresholdDecoder:
+    """A deterministic slice decoder: everything bright inside each box (ends inclusive)."""
 
     def __init__(self, volume: np.ndarray) -> None:
         self.volume = volume
-        self.calls: list[tuple[int, Box]] = []
+        self.calls: list[tuple[int, list[Box]]] = []
 
-    def __call__(self, k: int, box: Box) -> tuple[np.ndarray, float]:
-        self.calls.append((k, box))
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        mask = np.zeros(self.volume.shape[1:], dtype=bool)
-        mask[y0:y1 + 1, x0:x1 + 1] = self.volume[k, y0:y1 + 1, x0:x1 + 1] > 0.5
-        return mask, 0.9
+    def __call__(self, k: int, boxes, tight: bool) -> list[tuple[np.ndarray, float]]:
+        self.calls.append((k, list(boxes)))
+        out = []
+        for box in boxes:
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            mask = np.zeros(self.volume.shape[1:], dtype=bool)
+            mask[y0:y1 + 1, x0:x1 + 1] = self.volume[k, y0:y1 + 1, x0:x1 + 1] > 0.5
+            out.append((mask, 0.9))
+        return out
+
+    def first_boxes(self) -> dict[int, Box]:
+        """The propagated box of each slice (the first box of its last call)."""
+        return {k: boxes[0] for k, boxes in self.calls}
 
 
 # Slices 4..16 hold the ellipsoid; slices 1 and 19-20 hold other bright things inside the same box,
@@ -39,29 +46,38 @@ VOLUME = TRUTH.astype(np.float32)
 VOLUME[1, 25:35, 30:40] = 1.0
 VOLUME[19:21, 28:32, 30:36] = 1.0
 BOX = (10.0, 10.0, 55.0, 50.0)
+MIDDLE = PropagationRule(seed="middle")
+RULES = [PropagationRule(), MIDDLE, PropagationRule(given_box_proposal=False, seed="middle")]
 
 
 def test_ellipsoid_slices_as_expected() -> None:
     assert np.flatnonzero(TRUTH.any(axis=(1, 2))).tolist() == list(range(4, 17))
 
 
-def test_propagation_recovers_the_ellipsoid_and_stops_at_empty_slices() -> None:
-    segment = ThresholdSegmenter(VOLUME)
-    masks, ious = propagate(segment, BOX, 0, 20)
-    assert segment.calls[0] == (10, BOX)  # the middle slice, with the given box
-    assert sorted(masks) == list(range(3, 18))  # one empty slice on each side ends the walk
+@pytest.mark.parametrize("rule", RULES)
+def test_propagation_recovers_the_ellipsoid_and_stops_at_empty_slices(rule: PropagationRule) -> None:
+    decode = ThresholdDecoder(VOLUME)
+    masks, ious = propagate(decode, BOX, 4, 16, rule)
+    assert sorted(masks) == list(range(4, 17))
     assert sorted(ious) == sorted(masks) and set(ious.values()) == {0.9}
-    assert not masks[3].any() and not masks[17].any()
     for k in range(4, 17):
         np.testing.assert_array_equal(masks[k], TRUTH[k], err_msg=f"slice {k}")
-    assert [k for k, _ in segment.calls].count(19) == 0 and 1 not in masks  # the distractors are never reached
+
+
+def test_middle_seed_walks_out_from_the_middle_and_stops_at_empty_slices() -> None:
+    decode = ThresholdDecoder(VOLUME)
+    masks, _ = propagate(decode, BOX, 0, 20, MIDDLE)
+    assert decode.calls[0] == (10, [BOX])  # the middle slice, with the given box
+    assert sorted(masks) == list(range(3, 18))  # one empty slice on each side ends the walk
+    assert not masks[3].any() and not masks[17].any()
+    assert 19 not in {k for k, _ in decode.calls} and 1 not in masks  # the distractors are never reached
 
 
 def test_propagation_boxes_follow_the_previous_mask_inside_the_given_box() -> None:
-    segment = ThresholdSegmenter(VOLUME)
-    propagate(segment, BOX, 0, 20)
+    decode = ThresholdDecoder(VOLUME)
+    propagate(decode, BOX, 0, 20, MIDDLE)
     margin = max(2.0, 0.1 * max(BOX[2] - BOX[0], BOX[3] - BOX[1]))
-    boxes = dict(segment.calls)
+    boxes = decode.first_boxes()
     for k, box in boxes.items():
         assert BOX[0] <= box[0] <= box[2] <= BOX[2] and BOX[1] <= box[1] <= box[3] <= BOX[3], (k, box)
     for k in range(11, 18):  # upwards: each box is the slice below's mask box grown by the margin
@@ -72,34 +88,38 @@ def test_propagation_boxes_follow_the_previous_mask_inside_the_given_box() -> No
     assert boxes[4] == pytest.approx((x0 - margin, y0 - margin, x1 + margin, y1 + margin))
 
 
-def test_propagation_stays_in_the_slice_range() -> None:
-    segment = ThresholdSegmenter(VOLUME)
-    masks, _ = propagate(segment, BOX, 8, 13)
-    assert sorted(masks) == list(range(8, 14))
-    assert segment.calls[0][0] == 10
+@pytest.mark.parametrize("rule", RULES)
+def test_propagation_stays_in_the_slice_range(rule: PropagationRule) -> None:
+    decode = ThresholdDecoder(VOLUME)
+    masks, _ = propagate(decode, BOX, 8, 13, rule)
+    assert sorted(masks) == list(range(8, 14)) and {k for k, _ in decode.calls} <= set(range(8, 14))
     for k in range(8, 14):
         np.testing.assert_array_equal(masks[k], TRUTH[k])
 
 
 def test_propagation_with_an_empty_middle_slice_segments_only_it() -> None:
-    segment = ThresholdSegmenter(VOLUME)
-    masks, _ = propagate(segment, BOX, 17, 19)  # middle 18 is empty; 19 holds a distractor
+    decode = ThresholdDecoder(VOLUME)
+    masks, _ = propagate(decode, BOX, 17, 19, MIDDLE)  # middle 18 is empty; 19 holds a distractor
     assert sorted(masks) == [18] and not masks[18].any()
-    assert [k for k, _ in segment.calls] == [18]
+    assert [k for k, _ in decode.calls] == [18]
 
 
-def test_propagation_mask_is_bounded_by_the_given_box() -> None:
-    segment = ThresholdSegmenter(VOLUME)
+@pytest.mark.parametrize("rule", RULES)
+def test_propagation_masks_never_leave_the_given_box(rule: PropagationRule) -> None:
+    """The decoder here ignores boxes and segments every bright pixel: masks are still cut to the box."""
+    class Everything(ThresholdDecoder):
+        def __call__(self, k, boxes, tight):
+            return [(self.volume[k] > 0.5, 0.9) for _ in boxes]
+
     small = (20.0, 20.0, 40.0, 35.0)  # cuts through the ellipsoid
-    masks, _ = propagate(segment, small, 0, 20)
+    masks, _ = propagate(Everything(VOLUME), small, 4, 16, rule)
+    assert sorted(masks) == list(range(4, 17))
     for k, mask in masks.items():
         expected = np.zeros_like(mask)
         expected[20:36, 20:41] = TRUTH[k, 20:36, 20:41]
         np.testing.assert_array_equal(mask, expected, err_msg=f"slice {k}")
-    assert sorted(masks) == list(range(3, 18))
 
 
-# ---- key slices ----------------------------------------------------------------------------
 def test_interpolate_boxes_between_two_keys() -> None:
     boxes = interpolate_boxes({2: (0.0, 0.0, 10.0, 10.0), 6: (4.0, 8.0, 14.0, 18.0)})
     assert sorted(boxes) == [2, 3, 4, 5, 6]

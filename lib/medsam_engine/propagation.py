@@ -1,14 +1,20 @@
-"""3D from 2D: propagate a 3D box slice by slice, or interpolate boxes between key slices."""
+"""3D from 2D: a 3D box propagated slice by slice, or boxes interpolated between key slices."""
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .geometry import Box, mask_box
+from .metrics import dsc
 
-SliceSegmenter = Callable[[int, Box], tuple[np.ndarray, float]]
+# masks (H, W) and predicted IoUs of boxes on slice k, decoded together; `tight` marks boxes drawn
+# around the object (not derived from a neighbour's mask)
+SliceDecoder = Callable[[int, Sequence[Box], bool], list[tuple[np.ndarray, float]]]
+Masks = dict[int, np.ndarray]
+Ious = dict[int, float]
 
 
 def _grow(box: Box, bound: Box, margin: float) -> Box:
@@ -17,27 +23,96 @@ def _grow(box: Box, bound: Box, margin: float) -> Box:
             min(box[2] + margin, bound[2]), min(box[3] + margin, bound[3]))
 
 
-def propagate(segment: SliceSegmenter, box: Box, first: int, last: int,
-              margin_fraction: float = 0.1) -> tuple[dict[int, np.ndarray], dict[int, float]]:
-    """Segment the middle slice of [first, last] with `box`, then walk up and down: each next
-    slice's box is the previous mask's bounding box, grown by a margin (a fraction of the given
-    box's size, at least 2 px) and kept inside `box`. A direction stops at an empty mask."""
-    margin = max(2.0, margin_fraction * max(box[2] - box[0], box[3] - box[1]))
+def _inside(mask: np.ndarray, box: Box) -> np.ndarray:
+    """The mask with everything outside `box` (inclusive pixel bounds) removed."""
+    kept = np.zeros_like(mask)
+    x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+    x1, y1 = int(np.ceil(box[2])), int(np.ceil(box[3]))
+    kept[y0:y1 + 1, x0:x1 + 1] = mask[y0:y1 + 1, x0:x1 + 1]
+    return kept
+
+
+def _box_iou(a: Box, b: Box) -> float:
+    def area(x: Box) -> float:
+        return (x[2] - x[0] + 1) * (x[3] - x[1] + 1)
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    return inter / (area(a) + area(b) - inter)
+
+
+@dataclass(frozen=True)
+class PropagationRule:
+    """How masks travel from slice to slice.
+
+    Each next slice's box is the previous mask's box grown by `margin_fraction` of the bounding
+    box's longest side (at least 2 px), kept inside the bounding box. With `given_box_proposal`, the
+    given box's own mask on that slice competes with it, and the one that agrees best (Dice) with
+    the previous slice's mask is kept. `seed` picks where one-box propagation starts: "middle" of
+    the slice range, or "fill", the slice whose given-box mask fills the box best (box IoU of the
+    mask's bounding box with the given box, times the predicted IoU). A direction stops at an empty
+    mask, at the range's end, or where the kept mask agrees less than `min_agreement` with the
+    previous one."""
+
+    margin_fraction: float = 0.1
+    given_box_proposal: bool = True
+    seed: str = "fill"
+    min_agreement: float = 0.0
+
+    def margin(self, bound: Box) -> float:
+        return max(2.0, self.margin_fraction * max(bound[2] - bound[0], bound[3] - bound[1]))
+
+
+def _walk(decode: SliceDecoder, start_mask: np.ndarray, slices: range, bound: Box, rule: PropagationRule,
+          given: Box | None, masks: Masks, ious: Ious, known: dict[int, tuple[np.ndarray, float]]) -> None:
+    """Propagate from `start_mask` over `slices` in order, writing into masks/ious. `known` holds
+    given-box decodes already made (slice -> (mask, iou)); new ones are added to it."""
+    margin = rule.margin(bound)
+    previous = start_mask
+    for k in slices:
+        found = mask_box(previous)
+        if found is None:
+            return
+        box = _grow(found, bound, margin)
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            return
+        boxes = [box]
+        if given is not None and k not in known:
+            boxes.append(given)
+        decoded = decode(k, boxes, False)
+        if given is not None and k not in known:
+            known[k] = decoded[1]
+        proposals = [decoded[0]] + ([known[k]] if given is not None else [])
+        scores = [dsc(_inside(m, bound), previous) for m, _ in proposals]
+        best = int(np.argmax(scores))
+        if scores[best] < rule.min_agreement:
+            return
+        masks[k], ious[k] = _inside(proposals[best][0], bound), proposals[best][1]
+        previous = masks[k]
+
+
+def propagate(decode: SliceDecoder, box: Box, first: int, last: int,
+              rule: PropagationRule = PropagationRule()) -> tuple[Masks, Ious]:
+    """Segment a seed slice of [first, last] with `box`, then walk up and down (see PropagationRule).
+    Masks never leave `box`."""
+    known: dict[int, tuple[np.ndarray, float]] = {}
     middle = (first + last) // 2
-    masks: dict[int, np.ndarray] = {}
-    ious: dict[int, float] = {}
-    masks[middle], ious[middle] = segment(middle, box)
-    for step, end in ((1, last), (-1, first)):
-        previous = masks[middle]
-        for k in range(middle + step, end + step, step):
-            found = mask_box(previous)
-            if found is None:
-                break
-            next_box = _grow(found, box, margin)
-            if next_box[2] - next_box[0] < 1 or next_box[3] - next_box[1] < 1:
-                break
-            masks[k], ious[k] = segment(k, next_box)
-            previous = masks[k]
+    if rule.seed == "fill":
+        for k in range(first, last + 1):
+            known[k] = decode(k, [box], False)[0]
+
+        def fill(k: int) -> float:
+            found = mask_box(known[k][0])
+            return 0.0 if found is None else _box_iou(found, box) * known[k][1]
+        seed = max(range(first, last + 1), key=lambda k: (fill(k), -abs(k - middle)))
+    elif rule.seed == "middle":
+        seed = middle
+        known[seed] = decode(seed, [box], False)[0]
+    else:
+        raise ValueError(f"unknown seed rule {rule.seed!r}")
+    masks: Masks = {seed: _inside(known[seed][0], box)}
+    ious: Ious = {seed: known[seed][1]}
+    given = box if rule.given_box_proposal else None
+    _walk(decode, masks[seed], range(seed + 1, last + 1), box, rule, given, masks, ious, known)
+    _walk(decode, masks[seed], range(seed - 1, first - 1, -1), box, rule, given, masks, ious, known)
     return masks, ious
 
 

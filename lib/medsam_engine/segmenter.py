@@ -15,11 +15,11 @@ from .errors import EngineInputError
 from .geometry import Box, Fit, check_box
 from .imageio import Volume
 from .models import SamModel
-from .preprocess import (KeepRGB, Normaliser, PercentileClip, auto_window, infer_modality, normalise_modality,
+from .preprocess import (KeepRGB, Normaliser, PercentileClip, auto_window, box_context, infer_modality, normalise_modality,
                          parse_window, percentile_clip)
 from .prompts import Box3DPrompt, KeySlicesPrompt, Prompt, SlicePrompt
 from .prior import BoxPrior
-from .propagation import interpolate_boxes, propagate
+from .propagation import PropagationRule, interpolate_boxes, propagate
 from .zoom import Crop, ZoomRule
 
 
@@ -36,6 +36,7 @@ class ObjectResult:
     clipped: bool
     zoomed_slices: int = 0
     prior_slices: int = 0
+    decoded_boxes: int = 1
 
 
 @dataclass
@@ -82,8 +83,10 @@ class Segmenter:
     """
 
     def __init__(self, model: SamModel, cache: EmbeddingCache | None = None,
-                 zoom: ZoomRule | None = ZoomRule(), prior: BoxPrior | None = BoxPrior()) -> None:
+                 zoom: ZoomRule | None = ZoomRule(), prior: BoxPrior | None = BoxPrior(),
+                 propagation: PropagationRule = PropagationRule()) -> None:
         self.model = model
+        self.propagation = propagation
         self.cache = cache if cache is not None else EmbeddingCache()  # an empty cache is falsy
         self.zoom = zoom
         self.prior = prior
@@ -112,15 +115,14 @@ class Segmenter:
         return value
 
     def normaliser(self, volume: Volume, modality: str, window: object, box: Box, k: int) -> Normaliser:
-        """CT: the given window, else one chosen from the HU inside the box; other grey images: the
+        """CT: the given window, else one chosen from the HU inside and around the box; other grey images: the
         volume's 0.5-99.5 percentile clip; RGB: kept."""
         if modality == "RGB":
             return KeepRGB()
         if modality == "CT":
             chosen = parse_window(window)
             if chosen is None:
-                x0, y0, x1, y1 = (int(round(v)) for v in box)
-                chosen = auto_window(volume.array[k, y0:y1 + 1, x0:x1 + 1])
+                chosen = auto_window(*box_context(volume.array[k], box))
             return chosen
         return self._memo(self._clips, volume.key, lambda: percentile_clip(volume.array))
 
@@ -243,14 +245,8 @@ class Segmenter:
             first, last = sorted((_check_slice(prompt.first, volume), _check_slice(prompt.last, volume)))
             box, clipped = check_box(prompt.box, height, width)
             norm = self.normaliser(volume, modality, window, box, (first + last) // 2)
-            state = {"zoomed": 0}
-
-            def one(k: int, b: Box) -> tuple[np.ndarray, float]:
-                res = self.segment_boxes(volume, k, [b], norm, None, tally)
-                state["zoomed"] += res.zoomed
-                return res.masks[0], res.iou[0]
-
-            masks, ious = propagate(one, box, first, last)
+            decode, state = self._slice_decoder(volume, norm, tally)
+            masks, ious = propagate(decode, box, first, last, self.propagation)
         elif isinstance(prompt, KeySlicesPrompt):
             if not prompt.boxes:
                 raise EngineInputError("key-slice prompt has no boxes")
@@ -261,16 +257,32 @@ class Segmenter:
                 clipped |= was_clipped
             mid = sorted(checked)[len(checked) // 2]
             norm = self.normaliser(volume, modality, window, checked[mid], mid)
-            masks, ious, state = {}, {}, {"zoomed": 0}
+            decode, state = self._slice_decoder(volume, norm, tally)
+            masks, ious = {}, {}
             for k, b in interpolate_boxes(checked).items():
-                res = self.segment_boxes(volume, k, [b], norm, None, tally)
-                masks[k], ious[k] = res.masks[0], res.iou[0]
-                state["zoomed"] += res.zoomed
+                masks[k], ious[k] = decode(k, [b], k in checked)[0]
         else:
             raise EngineInputError(f"unknown prompt type {type(prompt).__name__}")
         for k, mask in masks.items():
             out[k][mask] = prompt.label
-        return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"])
+        return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"],
+                            decoded_boxes=state["decoded"])
+
+    def _slice_decoder(self, volume: Volume, norm: Normaliser, tally: _Tally
+                       ) -> tuple[Callable[[int, Sequence[Box], bool], list[tuple[np.ndarray, float]]], dict[str, int]]:
+        """The per-slice decoder that 3D propagation calls (boxes kept inside the slice), and its counts."""
+        height, width = volume.slice_shape
+        state = {"zoomed": 0, "decoded": 0}
+
+        def decode(k: int, boxes: Sequence[Box], tight: bool) -> list[tuple[np.ndarray, float]]:
+            inside = [(max(0.0, b[0]), max(0.0, b[1]), min(b[2], width - 1.0), min(b[3], height - 1.0)) for b in boxes]
+            res = self.segment_boxes(volume, k, inside, norm, None, tally, tight=tight)
+            state["zoomed"] += res.zoomed
+            state["decoded"] += len(inside)
+            masks = res.masks
+            return [(masks[i], res.iou[i]) for i in range(len(inside))]
+
+        return decode, state
 
 
 def _check_slice(k: object, volume: Volume) -> int:
