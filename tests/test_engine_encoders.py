@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import TINY_VIT_SPEC, dice
+from engine_helpers import TINY_VIT_SPEC, dice, tiny_sam
 from medsam_engine import ModelLoadError, Segmenter, load_model
 from medsam_engine.checkpoints import publish
 from medsam_engine.encoders import ENCODERS, FALLBACK, prune_graphs
@@ -162,13 +162,13 @@ def test_missing_openvino_falls_back_to_the_trace_with_one_log_line(
         assert model.encoder_variant == FALLBACK and model.cache_id.endswith(f":{FALLBACK}")
     lines = [r for r in caplog.records if r.name == "medsam_engine.encoders"]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
-    assert f"encoder {name} unavailable (ImportError" in lines[0].getMessage() and FALLBACK in lines[0].getMessage()
+    assert f"encoder {name} unavailable (ModuleNotFoundError" in lines[0].getMessage() and FALLBACK in lines[0].getMessage()
     model.set_encoder("fp32-eager")
     assert (embedding - model.encode(image)).abs().max() < 1e-4
     assert not list(tmp_path.iterdir())  # nothing converted, nothing written
 
 
-def test_encoder_choice_from_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_vit_checkpoint: Path) -> None:
+def test_encoder_choice_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """MEDSAM_ENCODER names a backend; without it the older MEDSAM_PRECISION / MEDSAM_GRAPH still
     choose bf16 autocast / the eager or traced fp32 graph; an argument wins over both."""
     def chosen(**env: str) -> str:
@@ -176,8 +176,9 @@ def test_encoder_choice_from_the_environment(monkeypatch: pytest.MonkeyPatch, ti
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        return SamModel("m", torch.nn.Identity(), InputGeometry(8, True), "v").encoder
+        return SamModel("m", net, InputGeometry(8, True), "v").encoder
 
+    net = tiny_sam()
     cpu_default = "ov-bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "ov-fp32"
     assert chosen() == cpu_default
     assert chosen(MEDSAM_ENCODER="ov-fp32") == "ov-fp32"
@@ -189,7 +190,7 @@ def test_encoder_choice_from_the_environment(monkeypatch: pytest.MonkeyPatch, ti
         with pytest.raises(ModelLoadError, match="must be"):
             chosen(**env)
     monkeypatch.setenv("MEDSAM_ENCODER", "ov-fp32")
-    assert SamModel("m", torch.nn.Identity(), InputGeometry(8, True), "v", encoder="bf16-eager").encoder == "bf16-eager"
+    assert SamModel("m", net, InputGeometry(8, True), "v", encoder="bf16-eager").encoder == "bf16-eager"
 
 
 def test_old_graphs_of_a_model_are_pruned(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@
 
 Models: LiteMedSAM with its bundled weights, and a SAM ViT-B built with segment_anything from
 random weights saved to a file (timing does not depend on the weights), each with the encoders
-that run on the device, timed interleaved (`timing.interleaved_ms`). The input is a smooth
+that run on the device, timed interleaved (`timing.interleaved_ms`); on a CPU it is also the
+cheap repeatability check of the encoders' ratios (no slice DSC, no 3D box: `main.py bench` has those). The input is a smooth
 synthetic image: latency does not depend on what the slice shows.
 """
 
@@ -15,11 +16,13 @@ import argparse
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from statistics import median
 
 import torch
 
+from .encoders import ENCODERS
 from .models import SamModel, build_medsam_lite, build_sam_vit
 from .timing import interleaved_ms
 
@@ -41,9 +44,10 @@ def synthetic_image(size: int) -> torch.Tensor:
 
 
 def bench_model(sam: SamModel, encoders: list[str], rounds: int) -> dict:
-    """Per encoder: first encode (s), encode and decode (one box) ms p50 timed interleaved, slices/s
-    (one encode and one decode each), peak GPU MB, and the embedding's mean relative deviation from
-    the first encoder's."""
+    """Per encoder: first encode (s), encode ms p50 with the encoders timed interleaved (one encode
+    of each and one decode per round), ratio to the first encoder's, slices/s (an encode and a
+    one-box decode), peak GPU MB of the first encode, and the embedding's mean relative deviation
+    from the first encoder's."""
     image = synthetic_image(sam.geometry.size).to(sam.device)
     size = sam.geometry.size
     box = torch.tensor([[size * 0.3, size * 0.3, size * 0.7, size * 0.75]])
@@ -58,29 +62,39 @@ def bench_model(sam: SamModel, encoders: list[str], rounds: int) -> dict:
         if sam.device.type == "cuda":
             torch.cuda.synchronize(sam.device)
         figures = {"backend": sam.encoder_variant, "first_encode_s": round(time.perf_counter() - start, 2)}
-        if reference is None:
-            reference = embedding
-        figures["embedding_rel_dev"] = float(((embedding - reference).abs().mean() / reference.abs().mean()).item())
-        times = interleaved_ms({"encode": lambda: sam.encode(image),
-                                "decode": lambda: sam.decode(embedding, box)}, rounds, sam.device)
-        encode, decode = median(times["encode"]), median(times["decode"])
-        figures.update({"encode_ms_p50": round(encode, 2), "slices_per_s": round(1000 / (encode + decode), 2),
-                        "decode_ms_p50": round(decode, 2)})
         if sam.device.type == "cuda":
             figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(sam.device) / 2**20, 1)
+        reference = embedding if reference is None else reference
+        figures["embedding_rel_dev"] = float(((embedding - reference).abs().mean() / reference.abs().mean()).item())
         out[name] = figures
+    calls = {name: partial(_encode_with, sam, name, image) for name in encoders}
+    calls["decode"] = lambda: sam.decode(reference, box)
+    times = interleaved_ms(calls, rounds, sam.device)
+    decode = median(times["decode"])
+    base = median(times[encoders[0]])
+    for name in encoders:
+        encode = median(times[name])
+        out[name].update({"encode_ms_p50": round(encode, 2), "ratio": round(encode / base, 3),
+                          "decode_ms_p50": round(decode, 2), "slices_per_s": round(1000 / (encode + decode), 2)})
     return out
 
 
+def _encode_with(sam: SamModel, name: str, image: torch.Tensor) -> torch.Tensor:
+    sam.set_encoder(name)
+    return sam.encode(image)
+
+
 def run_model_bench(json_path: str | Path | None, device: str | None = None, rounds: int = 20,
-                    models: tuple[str, ...] = ("medsam-lite", "vit-b")) -> dict:
-    """Bench every model in `models` on `device` (default: CUDA when there) with fp32 and bf16 eager."""
+                    models: tuple[str, ...] = ("medsam-lite", "vit-b"), encoders: tuple[str, ...] | None = None) -> dict:
+    """Bench every model in `models` on `device` (default: CUDA when there) with `encoders` (default:
+    fp32 and bf16 eager on a GPU, every backend on a CPU), the first one the ratios' reference."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoders = list(encoders or (ENCODERS if device == "cpu" else ("fp32-eager", "bf16-eager")))
     results: dict[str, object] = {
         "device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "rounds": rounds,
     }
-    encoders = ["fp32-eager", "bf16-eager"]
+    results["encoders"] = encoders
     for name in models:
         start = time.perf_counter()
         try:
@@ -111,8 +125,10 @@ def main() -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--models", default="medsam-lite,vit-b")
+    parser.add_argument("--encoders", help="comma-separated, the first the reference (default: fp32-eager first)")
     args = parser.parse_args()
-    run_model_bench(args.json, args.device, args.rounds, tuple(args.models.split(",")))
+    run_model_bench(args.json, args.device, args.rounds, tuple(args.models.split(",")),
+                    tuple(args.encoders.split(",")) if args.encoders else None)
 
 
 if __name__ == "__main__":
