@@ -193,7 +193,7 @@ def collective_device(device: torch.device) -> torch.device:
 
 def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum a tensor over the ranks (a copy, on the collective's device); as is with no process group."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized():
         return values.clone()
     reduced = values.detach().to(collective_device(device), dtype=torch.float64)
     dist.all_reduce(reduced)
@@ -277,7 +277,7 @@ class Distributed:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return dist.is_initialized()
 
     @property
     def main(self) -> bool:
@@ -285,12 +285,12 @@ class Distributed:
 
 
 def init_distributed(device: str | None) -> tuple[Distributed, torch.device]:
-    """The process group from the environment (torchrun, or the app's spawned workers), and this
-    process's device: NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPUs."""
+    """The process group from the environment (torchrun, also with one process, or the app's
+    spawned workers), and this process's device: NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     if use_cuda:
         index = torch.device(device or "cuda").index
@@ -321,6 +321,8 @@ class RunRecorder:
         self.groups, self.device = groups, device
         self.start = time.time()
         self.losses: list[float] = []
+        self.samples = 0
+        self.epoch_start = self.start
         self.stats: dict[str, Any] = {
             "status": "running", "run_id": cfg.run_id, "model": model.name, "start_version": model.version,
             "epoch": 0, "total_epochs": cfg.max_epochs, "best_metric": None, "best_metric_epoch": None,
@@ -333,18 +335,29 @@ class RunRecorder:
     def attach(self, trainer: Any, evaluator: Any) -> None:
         from ignite.engine import Events
 
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: self._validated(engine, trainer))
 
+    def _epoch_started(self, engine: Any) -> None:
+        self.epoch_start, self.samples = time.time(), 0
+
     def _iteration(self, engine: Any) -> None:
         self.losses.append(_loss(engine.state.output))
+        self.samples += int(engine.state.batch["image"].shape[0])
 
     def _epoch(self, engine: Any) -> None:
-        loss = all_reduce_sum(torch.tensor([sum(self.losses), len(self.losses)], dtype=torch.float64), self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.time() - self.epoch_start
+        steps = len(self.losses)
+        loss = all_reduce_sum(torch.tensor([sum(self.losses), steps, self.samples], dtype=torch.float64), self.device)
         self.losses = []
         self.stats["history"].append({"epoch": engine.state.epoch, "train_loss": float(loss[0] / max(loss[1], 1)),
-                                      "val_dice": None, "seconds": round(time.time() - self.start, 1)})
+                                      "val_dice": None, "seconds": round(time.time() - self.start, 1),
+                                      "train_seconds": round(seconds, 3), "steps": steps,
+                                      "samples": int(loss[2])})
         self.stats["epoch"] = engine.state.epoch
 
     def _validated(self, evaluator: Any, trainer: Any) -> None:
