@@ -65,6 +65,7 @@ class TrainConfig:
     max_epochs: int = 10
     batch_size: int = 4
     lr: float = 1e-4
+    encoder_lr_scale: float = 1.0  # the image encoder's lr is lr x this (0: encoder frozen)
     weight_decay: float = 0.01
     jitter: float = 5  # model pixels (LiteMedSAM: 256 px; the paper's 0-20 px at 1024)
     val_split: float = 0.2
@@ -94,8 +95,8 @@ class TrainConfig:
             raise EngineInputError("max_epochs and batch_size must be at least 1")
         if not 0 <= self.val_split < 1:
             raise EngineInputError(f"val_split must be in [0, 1), got {self.val_split}")
-        if self.jitter < 0 or self.max_drop < 0:
-            raise EngineInputError("jitter and max_drop must not be negative")
+        if self.jitter < 0 or self.max_drop < 0 or self.encoder_lr_scale < 0:
+            raise EngineInputError("jitter, max_drop and encoder_lr_scale must not be negative")
 
 
 class PromptedSam(nn.Module):
@@ -503,11 +504,18 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     model.net.to(memory_format=torch.contiguous_format)  # inference's channels-last layout; DDP buckets want contiguous
     segmenter = Segmenter(model)
     net = PromptedSam(model.net, cfg.freeze_norm_stats).to(device)
+    if cfg.encoder_lr_scale == 0:  # a frozen image encoder: only the mask decoder learns
+        for p in net.net.image_encoder.parameters():
+            p.requires_grad_(False)
     trained = net
     if ctx.enabled:
         trained = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    encoder = {id(p) for p in net.net.image_encoder.parameters()}
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in params if id(p) not in encoder], "lr": cfg.lr},
+        {"params": [p for p in params if id(p) in encoder], "lr": cfg.lr * cfg.encoder_lr_scale},
+    ], lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = autocast_dtype(cfg.precision, device, native_bf16())
     amp = dtype is not None
     amp_kwargs = {"dtype": dtype} if amp else None
