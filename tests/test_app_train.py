@@ -115,6 +115,17 @@ def test_info_lists_train_task_strategies_and_scoring(train_server):
     assert "draft_dice" in info["scoring"]
 
 
+def _drafts_done(url: str, timeout: float = 120.0) -> dict:
+    """Wait until the infer task has written every draft it queued (GET /info/)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/info/", timeout=30).json()["models"]["medsam"]["medsam"]["drafts"]
+        if status["pending"] == 0:
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"drafts not written in {timeout:.0f} s: {status}")
+
+
 def _label_array(url: str, image: str, tag: str) -> np.ndarray | None:
     response = requests.get(f"{url}/datastore/label", params={"label": image, "tag": tag}, timeout=60)
     return _read_nifti_bytes(response.content) if response.status_code == 200 else None
@@ -131,14 +142,15 @@ def test_infer_answers_become_drafts_for_uncertainty_and_draft_scoring(train_ser
     liver, spleen = organ_mask(image, "liver"), organ_mask(image, "spleen")
     first = infer_json(url, image, {"boxes": [[*bbox(liver[k1]), k1]], "label": "liver"})
     assert first.status_code == 200, first.text
-    assert first.json()["draft"] == {"saved": True, "image": image, "tag": "original", "value": 2}  # liver: 2nd label
+    assert first.json()["draft"] == {"queued": True, "image": image, "tag": "original", "value": 2}  # liver: 2nd label
     second = infer_json(url, image, {"boxes": [[*bbox(spleen[k2]), k2]], "label": "spleen"})
-    assert second.json()["draft"]["saved"] and second.json()["draft"]["value"] == 3
+    assert second.json()["draft"]["queued"] and second.json()["draft"]["value"] == 3
+    assert _drafts_done(url)["written"] == 2
     draft = _label_array(url, image, "original")
     assert draft is not None and set(np.unique(draft)) == {0, 2, 3}
     assert dice(draft[k1] == 2, liver[k1]) > 0.8 and dice(draft[k2] == 3, spleen[k2]) > 0.8  # both objects kept
     again = infer_json(url, image, {"boxes": [[*bbox(liver[k1]), k1]], "label": "liver"})
-    assert again.json()["draft"]["saved"]
+    assert again.json()["draft"]["queued"] and _drafts_done(url)["written"] == 3
     assert np.array_equal(_label_array(url, image, "original"), draft)  # the same answer replaces, not adds
 
     pick = requests.post(f"{url}/activelearning/uncertainty", json={"slices": 1, "boxes": 2}, timeout=600)
@@ -154,7 +166,7 @@ def test_infer_answers_become_drafts_for_uncertainty_and_draft_scoring(train_ser
     assert scored.json()["draft_dice"][image] == pytest.approx(dice(draft > 0, final > 0), abs=1e-6)
 
     late = infer_json(url, image, {"boxes": [[*bbox(liver[k2]), k2]], "label": "liver"}).json()["draft"]
-    assert late["saved"] is False and "final" in late["reason"]  # never over an annotator's label
+    assert late["queued"] is False and "final" in late["reason"]  # never over an annotator's label
     assert np.array_equal(_label_array(url, image, "original"), draft)
     assert requests.post(f"{url}/activelearning/uncertainty", json={}, timeout=600).json() == {}
 

@@ -61,7 +61,8 @@ class MedSAMInfer(InferTask):
         return info
 
     def describe(self) -> dict:
-        return {"models": self.pool.describe(), "background_encoding": self.prefetcher.status()}
+        return {"models": self.pool.describe(), "background_encoding": self.prefetcher.status(),
+                "drafts": self.drafts.status() if self.drafts is not None else None}
 
     def __call__(self, request: dict) -> Tuple[Union[str, None], Dict]:
         start = time.perf_counter()
@@ -76,14 +77,13 @@ class MedSAMInfer(InferTask):
             path = write_result(result.label, volume, extension, dtype, _flag(request.get("result_compress"), True))
             write_ms = (time.perf_counter() - written) * 1000
         self._encode_around(segmenter, volume, translation, result, request.get("window"))
-        drafted = time.perf_counter()
         draft = None
         if self.drafts is not None:
             draft = self.drafts.save(request["image"], volume, result.label, request.get("label"),
                                      segmenter.model.version)
         latency = {"load": load_ms, "encode": result.timings_ms.get("encode", 0.0),
                    "decode": result.timings_ms.get("decode", 0.0), "write": write_ms,
-                   "draft": (time.perf_counter() - drafted) * 1000, "total": (time.perf_counter() - start) * 1000}
+                   "total": (time.perf_counter() - start) * 1000}
         reply = self._reply(request, segmenter, translation, result, was_open, latency)
         reply["draft"] = draft
         return path, reply
