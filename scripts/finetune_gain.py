@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--encoder-lr-scale", type=float, default=1.0, help="image encoder lr = lr x this (0: frozen)")
+    p.add_argument("--encoder-lr-scale", type=float, default=0.0, help="image encoder lr = lr x this (0: frozen)")
     p.add_argument("--max-drop", type=float, default=0.02, help="publish gate: largest DSC drop allowed")
     p.add_argument("--all-objects", action="store_true", help="train on every labelled object of the slices")
     p.add_argument("--threads", type=int, default=2)

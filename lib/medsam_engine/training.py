@@ -65,7 +65,7 @@ class TrainConfig:
     max_epochs: int = 10
     batch_size: int = 4
     lr: float = 1e-4
-    encoder_lr_scale: float = 1.0  # the image encoder's lr is lr x this (0: encoder frozen)
+    encoder_lr_scale: float = 0.0  # the image encoder's lr is lr x this (0, the default: encoder frozen)
     weight_decay: float = 0.01
     jitter: float = 5  # model pixels (LiteMedSAM: 256 px; the paper's 0-20 px at 1024)
     val_split: float = 0.2

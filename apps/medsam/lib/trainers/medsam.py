@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "max_epochs": 10,
     "train_batch_size": 4,
     "lr": 1e-4,
-    "encoder_lr_scale": 1.0,
+    "encoder_lr_scale": 0.0,
     "weight_decay": 0.01,
     "val_split": 0.2,
     "early_stop_patience": 3,
