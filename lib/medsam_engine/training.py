@@ -1,6 +1,8 @@
-"""Fine-tune MedSAM from labelled volumes, as the paper did: image encoder and mask decoder trained,
-prompt encoder frozen, Dice + BCE loss, AdamW, boxes from the label's objects jittered outwards by
-0-5 model pixels (the paper's 0-20 px at 1024).
+"""Fine-tune MedSAM from labelled volumes with the paper's loss and optimiser (Dice + BCE, AdamW),
+prompt encoder frozen, boxes from the label's objects jittered outwards by 0-5 model pixels (the
+paper's 0-20 px at 1024). The paper trains the image encoder too; here it is frozen by default
+(`encoder_lr_scale` 0): on the sample CT that kept the other organs far better for most of the gain
+(scripts/finetune_gain.py); `encoder_lr_scale` > 0 trains it at lr x that.
 
 One code path for one process, MONAI Label's `multi_gpu` (processes spawned by the app) and
 `torchrun` (any number of nodes): the process group comes from the environment (RANK, WORLD_SIZE,

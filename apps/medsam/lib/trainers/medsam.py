@@ -100,8 +100,8 @@ def gpu_ids(value: object, available: int) -> list[int]:
 class MedSAMTrain(TrainTask):
     def __init__(self, model: str, model_dir: str | os.PathLike, publish_path: str | os.PathLike,
                  served_checkpoint: Callable[[], str | None], device: str | None) -> None:
-        super().__init__("Fine-tune MedSAM on the final labels: image encoder and mask decoder trained, prompt "
-                         "encoder frozen; the best epoch is served at once")
+        super().__init__("Fine-tune MedSAM on the final labels: mask decoder trained (image encoder too with "
+                         "encoder_lr_scale > 0); an epoch that forgets is not published, the best one is served at once")
         self.model = model
         self.model_dir = Path(model_dir)
         self.publish_path = Path(publish_path)
