@@ -535,9 +535,10 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
             "val_objects": len(val_objects), "anchor_objects": len(anchors),
             "trainable_parameters": sum(p.numel() for p in params)}
 
-    val_handlers = []
+    group_dice = GroupDice(names, device)
+    val_handlers: list[Any] = [group_dice]  # first: the handlers after it (logs, early stopping, publishing) read its score
     if ctx.main:
-        val_handlers = [StatsHandler(output_transform=lambda x: None, iteration_log=False),
+        val_handlers += [StatsHandler(output_transform=lambda x: None, iteration_log=False),
                         TensorBoardStatsHandler(log_dir=events_dir, output_transform=lambda x: None,
                                                 iteration_log=False)]
     evaluator = SupervisedEvaluator(
@@ -546,8 +547,6 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
         postprocessing=Compose([Activationsd(keys="pred", sigmoid=True), AsDiscreted(keys="pred", threshold=0.5)]),
         val_handlers=val_handlers, amp=amp, amp_kwargs=amp_kwargs,
     )
-    group_dice = GroupDice(names, device)
-    group_dice.attach(evaluator)  # first: the handlers below read its score
     recorder = RunRecorder(cfg, ctx, model, net, info, group_dice, device)
     train_handlers: list[Any] = []
     if ctx.main:
