@@ -7,6 +7,11 @@
         then report DSC before and after on the image's other slices and on the other image, and
         on other organs of the image (does the model forget them?). With --all-objects the training
         slices teach every labelled object on them, as an annotator's full label would.
+        The other organs of the training image are the run's anchor set: the publish gate refuses
+        an epoch that lowers them (or the organ's validation slices) by more than --max-drop; the
+        result says whether it published. "after" scores the weights trained (the last epoch),
+        published or not. --encoder-lr-scale 0.1 trains the image encoder at a tenth of the lr,
+        0 freezes it.
 
 Prints JSON (also written to --out/gain.json). CPU is fine for LiteMedSAM (minutes).
 """
@@ -77,7 +82,8 @@ OTHER_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach")
 
 
 def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_slices: int, epochs: int,
-         batch_size: int, out: Path, seed: int, all_objects: bool = False, lr: float = 1e-4) -> dict:
+         batch_size: int, out: Path, seed: int, all_objects: bool = False, lr: float = 1e-4,
+         encoder_lr_scale: float = 1.0, max_drop: float = 0.02) -> dict:
     cases = [c for c in list_cases(DATASTORE) if c.image_id in (train_image, eval_image)]
     ids = [c.image_id for c in cases]
     train_value, eval_value = organ_value(train_image, organ), organ_value(eval_image, organ)
@@ -114,15 +120,22 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     print("before", before, flush=True)
     cfg = TrainConfig(output_dir=out / "run", publish_path=out / "model" / "medsam-lite.pt", stats_path=out / "train_stats.json",
                       max_epochs=epochs, batch_size=batch_size, lr=lr, device="cpu", publish_mode="best",
-                      early_stop_patience=0, seed=seed)
-    stats = train(cfg, cases, fit, val)
-    after = evaluate(load_model("medsam-lite", str(cfg.publish_path), device="cpu"))
+                      early_stop_patience=0, seed=seed, encoder_lr_scale=encoder_lr_scale, max_drop=max_drop,
+                      max_anchor_objects=8)
+    anchor_values = {organ_value(train_image, name) for name in OTHER_ORGANS} - {train_value}
+    anchors = [s for s in index_slices(cases, {train_image: anchor_values}, min_pixels=50)
+               if s.slice not in {k for _, ks in others.values() for k in ks}]  # not the slices evaluated below
+    stats = train(cfg, cases, fit, val, anchors)
+    after = evaluate(load_model("medsam-lite", str(out / "run" / "checkpoint_last.pt"), device="cpu"))
     print("after", after, flush=True)
-    return {"organ": organ, "all_objects": all_objects, "lr": lr, "train_image": train_image, "train_slices": [s.slice for s in fit],
+    return {"organ": organ, "all_objects": all_objects, "lr": lr, "encoder_lr_scale": encoder_lr_scale,
+            "jitter_model_px": cfg.jitter, "train_image": train_image, "train_slices": [s.slice for s in fit],
             "val_slices": [s.slice for s in val], "epochs": epochs, "batch_size": batch_size,
             "best_epoch": stats["best_metric_epoch"], "val_dice": {"start": stats["baseline_val_dice"],
                                                                    "best": stats["best_metric"]},
-            "published": stats["published"]["version"], "before": before, "after": after,
+            "published": (stats["published"] or {}).get("version"), "publish_refused": stats["publish_refused"],
+            "gate": {"before": stats["baseline_by_group"], "last_epoch": stats["history"][-1].get("by_group")},
+            "before": before, "after": after,
             "history": stats["history"], "minutes": round((time.time() - start) / 60, 1)}
 
 
@@ -141,6 +154,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--encoder-lr-scale", type=float, default=0.0, help="image encoder lr = lr x this (0: frozen)")
+    p.add_argument("--max-drop", type=float, default=0.02, help="publish gate: largest DSC drop allowed")
     p.add_argument("--all-objects", action="store_true", help="train on every labelled object of the slices")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "finetune_gain")
@@ -151,7 +166,8 @@ def main() -> None:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         result = gain(args.organ, args.train_image, args.eval_image, args.train_slices, args.val_slices,
-                      args.epochs, args.batch_size, args.out, args.seed, args.all_objects, args.lr)
+                      args.epochs, args.batch_size, args.out, args.seed, args.all_objects, args.lr,
+                      args.encoder_lr_scale, args.max_drop)
         (args.out / "gain.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -5,6 +5,11 @@
 Without --archive it runs `pip download --no-deps --no-binary :all: totalsegmentator==2.18.0`.
 Writes MONAI Label's local datastore layout: images at the top, masks in labels/final/ with the
 same name, and labels.json naming every label value per image (TotalSegmentator's class map).
+
+Two images come without a label, for annotators to label (active learning's *Next Sample*):
+ct_chest (the archive's cropped chest CT, tests/reference_files/pulmonary_report/models/
+ct_cropped.nii.gz) and mr_brain (the brain MR series in sample-datasets/dicom/mr, as NIfTI).
+`list_cases` (the evaluation's) lists only the labelled images.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ def read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def read_mr_series(folder: Path) -> sitk.Image:
+    """The brain MR series (oblique axial slices, ordered by GDCM) as one volume."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path)
@@ -77,6 +89,10 @@ def main() -> None:
         seg = sitk.Resample(sitk.ReadImage(str(src / "example_seg_dicom.nii.gz")), ct, sitk.Transform(),
                             sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         put("ct_512.nii.gz", ct, seg, "total")
+        sitk.WriteImage(sitk.ReadImage(str(src / "pulmonary_report" / "models" / "ct_cropped.nii.gz")),
+                        str(OUT / "ct_chest.nii.gz"), useCompression=True)
+        sitk.WriteImage(read_mr_series(ROOT / "sample-datasets" / "dicom" / "mr"), str(OUT / "mr_brain.nii.gz"),
+                        useCompression=True)
         (OUT / "labels.json").write_text(json.dumps(names, indent=1, sort_keys=True) + "\n")
     print(f"wrote {OUT}")
 

@@ -1,6 +1,7 @@
-"""Active learning through the real server: labels saved, `medsam` trained on the CPU (tiny run),
-new weights published and served at once, a killed run leaving the served model intact, the
-`diversity` and `uncertainty` strategies and the `draft_dice` scoring method.
+"""Active learning through the real server: infer answers kept as drafts, which the `uncertainty`
+strategy and the `draft_dice` scoring method then use; labels saved, `medsam` trained on the CPU
+(tiny run), new weights published and served at once, a run that forgets refused by the publish
+gate, a killed run leaving the served model intact, the `diversity` strategy.
 
 One server for the module, on a copy of the sample images without their labels; the tests save
 labels as a client does and run in file order (each builds on the datastore the previous left).
@@ -67,6 +68,15 @@ def _nifti_bytes(array: np.ndarray, reference: sitk.Image) -> bytes:
         return path.read_bytes()
 
 
+def _disc_label(image: str) -> np.ndarray:
+    """A disc of value 1 in the middle of the volume's middle slices (a draft of an unlabelled image)."""
+    shape = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DIR / f"{image}.nii.gz"))).shape
+    yy, xx = np.mgrid[:shape[1], :shape[2]]
+    mask = np.zeros(shape, np.uint8)
+    mask[shape[0] // 2 - 1:shape[0] // 2 + 2][:, (yy - shape[1] // 2) ** 2 + (xx - shape[2] // 2) ** 2 < 20 ** 2] = 1
+    return mask
+
+
 def _read_nifti_bytes(data: bytes) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "label.nii.gz"
@@ -105,6 +115,62 @@ def test_info_lists_train_task_strategies_and_scoring(train_server):
     assert "draft_dice" in info["scoring"]
 
 
+def _drafts_done(url: str, timeout: float = 120.0) -> dict:
+    """Wait until the infer task has written every draft it queued (GET /info/)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/info/", timeout=30).json()["models"]["medsam"]["medsam"]["drafts"]
+        if status["pending"] == 0:
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"drafts not written in {timeout:.0f} s: {status}")
+
+
+def _label_array(url: str, image: str, tag: str) -> np.ndarray | None:
+    response = requests.get(f"{url}/datastore/label", params={"label": image, "tag": tag}, timeout=60)
+    return _read_nifti_bytes(response.content) if response.status_code == 200 else None
+
+
+def test_infer_answers_become_drafts_for_uncertainty_and_draft_scoring(train_server):
+    """The loop as annotators run it, with no label saved by hand until the end: two boxes on an
+    unlabelled image (two organs) are kept as its draft, merged by label value; `uncertainty`
+    picks the drafted image; once a final label is saved, `draft_dice` scores the draft against
+    it, and later answers leave the draft alone."""
+    url = train_server.url
+    assert requests.post(f"{url}/activelearning/uncertainty", json={}, timeout=600).json() == {}  # no draft yet
+    image, (k1, k2) = "ct_512", (8, 12)
+    liver, spleen = organ_mask(image, "liver"), organ_mask(image, "spleen")
+    first = infer_json(url, image, {"boxes": [[*bbox(liver[k1]), k1]], "label": "liver"})
+    assert first.status_code == 200, first.text
+    assert first.json()["draft"] == {"queued": True, "image": image, "tag": "original", "value": 2}  # liver: 2nd label
+    second = infer_json(url, image, {"boxes": [[*bbox(spleen[k2]), k2]], "label": "spleen"})
+    assert second.json()["draft"]["queued"] and second.json()["draft"]["value"] == 3
+    assert _drafts_done(url)["written"] == 2
+    draft = _label_array(url, image, "original")
+    assert draft is not None and set(np.unique(draft)) == {0, 2, 3}
+    assert dice(draft[k1] == 2, liver[k1]) > 0.8 and dice(draft[k2] == 3, spleen[k2]) > 0.8  # both objects kept
+    again = infer_json(url, image, {"boxes": [[*bbox(liver[k1]), k1]], "label": "liver"})
+    assert again.json()["draft"]["queued"] and _drafts_done(url)["written"] == 3
+    assert np.array_equal(_label_array(url, image, "original"), draft)  # the same answer replaces, not adds
+
+    pick = requests.post(f"{url}/activelearning/uncertainty", json={"slices": 1, "boxes": 2}, timeout=600)
+    assert pick.status_code == 200, pick.text
+    assert pick.json()["id"] == image and set(pick.json()["scores"]) == {image}
+
+    final = np.zeros(liver.shape, np.uint8)
+    final[liver], final[spleen] = 1, 2
+    reference = sitk.ReadImage(str(SAMPLE_DIR / f"{image}.nii.gz"))
+    _save_label(url, image, _nifti_bytes(final, reference))
+    scored = requests.post(f"{url}/scoring/draft_dice", params={"run_sync": "true"}, timeout=300)
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["draft_dice"][image] == pytest.approx(dice(draft > 0, final > 0), abs=1e-6)
+
+    late = infer_json(url, image, {"boxes": [[*bbox(liver[k2]), k2]], "label": "liver"}).json()["draft"]
+    assert late["queued"] is False and "final" in late["reason"]  # never over an annotator's label
+    assert np.array_equal(_label_array(url, image, "original"), draft)
+    assert requests.post(f"{url}/activelearning/uncertainty", json={}, timeout=600).json() == {}
+
+
 def test_train_publishes_new_weights_and_next_infer_uses_them(train_server):
     url = train_server.url
     before = infer_json(url, "ct_3mm", LIVER_24).json()["model"]
@@ -123,6 +189,7 @@ def test_train_publishes_new_weights_and_next_infer_uses_them(train_server):
     assert len(stats["history"]) == 1 and stats["history"][0]["train_loss"] > 0
     assert 0 <= stats["baseline_val_dice"] <= 1 and 0 <= stats["best_metric"] <= 1
     assert stats["train_slices"] == 2 and stats["val_slices"] == 1
+    assert stats["val_objects"] == len(stats["baseline_by_group"]) >= 1  # each label value of the slice scored
 
     published = train_server.model_dir / "medsam-lite.pt"
     version = f"medsam-lite@{_sha(published)[:12]}"
@@ -135,6 +202,25 @@ def test_train_publishes_new_weights_and_next_infer_uses_them(train_server):
     assert after.status_code == 200, after.text
     assert after.json()["model"]["version"] == version
     assert after.json()["volume_ml"] > 0
+
+
+def test_training_that_forgets_is_refused_publication(train_server):
+    """lr 0.01 wrecks the weights: `best` would publish the epoch, the gate refuses it, the served
+    model stays, and the reason is in the train stats and the train task's log."""
+    url = train_server.url
+    published = train_server.model_dir / "medsam-lite.pt"
+    digest = _sha(published)
+    served = infer_json(url, "ct_3mm", LIVER_24).json()["model"]["version"]
+    response = requests.post(f"{url}/train/medsam", json={**TINY, "lr": 0.01, "publish": "best"}, timeout=60)
+    assert response.status_code == 200, response.text
+    task = _wait_task(url)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    stats = _train_stats(url)
+    assert stats["published"] is None and "not published" in stats["publish_refused"]
+    assert "fell by more than 2 points" in stats["publish_refused"]
+    assert any("not published" in line for line in task["details"])
+    assert _sha(published) == digest
+    assert infer_json(url, "ct_3mm", LIVER_24).json()["model"]["version"] == served
 
 
 def test_killed_training_leaves_served_model_intact(train_server):
@@ -181,20 +267,21 @@ def test_failed_training_leaves_served_model_intact(train_server):
 
 def test_strategies_return_valid_ids_with_scores(train_server):
     url = train_server.url
-    # ct_512 has no final label: the only unlabelled image, and with a draft, the only uncertain one.
-    _save_label(url, "ct_512", _label_bytes("ct_512", ("liver",), top_half=True), tag="original")
+    # ct_chest and mr_brain have no final label; with a draft, mr_brain is the only uncertain one.
+    _save_label(url, "mr_brain", _nifti_bytes(_disc_label("mr_brain"), sitk.ReadImage(str(SAMPLE_DIR / "mr_brain.nii.gz"))),
+                tag="original")
     images = set(requests.get(f"{url}/datastore/?output=all", timeout=30).json()["objects"])
 
     diverse = requests.post(f"{url}/activelearning/diversity", json={"slices": 2}, timeout=600)
     assert diverse.status_code == 200, diverse.text
     pick = diverse.json()
-    assert pick["id"] == "ct_512" and pick["id"] in images
-    assert pick["score"] > 0 and set(pick["scores"]) == {"ct_512"} and "labelled" in pick["reason"]
+    assert pick["id"] in {"ct_chest", "mr_brain"} and pick["id"] in images
+    assert pick["score"] > 0 and set(pick["scores"]) == {"ct_chest", "mr_brain"} and "labelled" in pick["reason"]
 
     uncertain = requests.post(f"{url}/activelearning/uncertainty", json={"slices": 1, "boxes": 2}, timeout=600)
     assert uncertain.status_code == 200, uncertain.text
     pick = uncertain.json()
-    assert pick["id"] == "ct_512" and 0 <= pick["score"] <= 1 and "jittered" in pick["reason"]
+    assert pick["id"] == "mr_brain" and 0 <= pick["score"] <= 1 and "jittered" in pick["reason"]
 
 
 def test_draft_dice_scoring_matches_hand_computed_dice(train_server):
@@ -205,7 +292,7 @@ def test_draft_dice_scoring_matches_hand_computed_dice(train_server):
     response = requests.post(f"{url}/scoring/draft_dice", params={"run_sync": "true"}, timeout=300)
     assert response.status_code == 200, response.text
     scores = response.json()["draft_dice"]
-    assert set(scores) == {"ct_3mm"}  # ct_512 has a draft but no final label; mr_3mm no draft
+    assert set(scores) == {"ct_3mm", "ct_512"}  # mr_brain has a draft but no final label; mr_3mm no draft
 
     final = organ_mask("ct_3mm", "liver") | organ_mask("ct_3mm", "spleen")
     drafted = _read_nifti_bytes(draft) > 0

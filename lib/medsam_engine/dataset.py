@@ -63,17 +63,48 @@ def index_slices(cases: Sequence[Case], values: dict[str, set[int]] | None = Non
     return samples
 
 
-def split_samples(samples: Sequence[SliceSample], val_fraction: float, seed: int = 0
+def split_samples(samples: Sequence[SliceSample], val_fraction: float, seed: int = 0, block: int = 4
                   ) -> tuple[list[SliceSample], list[SliceSample]]:
-    """Hold back a seeded random `val_fraction` of the slices (at least one when there are two or more)."""
-    order = list(samples)
+    """Hold back about `val_fraction` of the slices as whole blocks of `block` neighbouring slices
+    (seeded), never a slice next to a training one: neighbours 3 mm apart look alike, so a random
+    share of slices would score the training set. Each block held back is separated from the
+    training slices by one slice left out of both. Every label value that spans two or more
+    blocks gets at least one block held back.
+    """
+    if val_fraction <= 0 or len(samples) < 2:
+        return sorted(samples, key=lambda s: (s.case, s.slice)), []
+    blocks: list[list[SliceSample]] = []
+    for case in sorted({s.case for s in samples}):
+        ordered = sorted((s for s in samples if s.case == case), key=lambda s: s.slice)
+        for start in range(0, len(ordered), block):
+            blocks.append(ordered[start:start + block])
+    order = list(range(len(blocks)))
     random.Random(seed).shuffle(order)
-    n_val = int(round(len(order) * val_fraction)) if val_fraction > 0 else 0
-    if val_fraction > 0 and len(order) >= 2:
-        n_val = min(max(n_val, 1), len(order) - 1)
-    val = sorted(order[:n_val], key=lambda s: (s.case, s.slice))
-    train = sorted(order[n_val:], key=lambda s: (s.case, s.slice))
-    return train, val
+    target = max(1, int(round(len(samples) * val_fraction)))
+    held: list[int] = []
+    for i in order:
+        if sum(len(blocks[j]) for j in held) >= target:
+            break
+        held.append(i)
+    for value in sorted({v for s in samples for v in s.values}):
+        having = [i for i in order if any(value in s.values for s in blocks[i])]
+        if len(having) >= 2 and not any(i in held for i in having):
+            held.append(having[0])
+    if len(held) == len(blocks):  # keep something to train on
+        held = held[:-1] if len(held) > 1 else held
+    val = [s for i in held for s in blocks[i]]
+    near = {(s.case, s.slice + d) for s in val for d in (-1, 0, 1)}
+    train = [s for s in samples if (s.case, s.slice) not in near]
+    if not train and len(blocks) == 1:  # one block only: its first half trains, the rest after a gap validates
+        ordered = blocks[0]
+        half = max(1, len(ordered) // 2)
+        train, val = ordered[:half], [s for s in ordered[half:] if s.slice > ordered[half - 1].slice + 1]
+    return sorted(train, key=lambda s: (s.case, s.slice)), sorted(val, key=lambda s: (s.case, s.slice))
+
+
+def per_object(samples: Sequence[SliceSample]) -> list[SliceSample]:
+    """One sample per object (label value) of each slice: validation scores every label value."""
+    return [SliceSample(s.case, s.slice, (v,)) for s in samples for v in s.values]
 
 
 def spread(samples: Sequence[SliceSample], limit: int | None) -> list[SliceSample]:
@@ -84,29 +115,32 @@ def spread(samples: Sequence[SliceSample], limit: int | None) -> list[SliceSampl
     return [samples[i] for i in picks]
 
 
-def expand_box(box: Box, max_shift: int, rng: random.Random, height: int, width: int) -> Box:
-    """Move each edge outwards by 0..max_shift pixels, clipped to the slice.
+def expand_box(box: Box, max_shift: float | tuple[float, float], rng: random.Random, height: int, width: int) -> Box:
+    """Move each edge outwards by 0..max_shift pixels (x, y may differ: (sx, sy)), clipped to the slice.
 
-    MedSAM's training script perturbs boxes this way (its `bbox_shift`), so the model learns to
-    segment from loose boxes an annotator draws.
+    MedSAM's training script perturbs boxes this way (its `bbox_shift`, 0-20 px at 1024 px), so
+    the model learns to segment from loose boxes an annotator draws.
     """
+    shift_x, shift_y = max_shift if isinstance(max_shift, tuple) else (max_shift, max_shift)
     x0, y0, x1, y1 = box
-    if max_shift > 0:
-        x0, y0 = x0 - rng.randint(0, max_shift), y0 - rng.randint(0, max_shift)
-        x1, y1 = x1 + rng.randint(0, max_shift), y1 + rng.randint(0, max_shift)
+    if shift_x > 0 or shift_y > 0:
+        x0, y0 = x0 - rng.uniform(0, shift_x), y0 - rng.uniform(0, shift_y)
+        x1, y1 = x1 + rng.uniform(0, shift_x), y1 + rng.uniform(0, shift_y)
     return max(x0, 0.0), max(y0, 0.0), min(x1, width - 1.0), min(y1, height - 1.0)
 
 
 class SliceDataset(Dataset):
     """Samples as model tensors: {"image": (3, S, S), "label": (1, L, L), "box": (4,)}.
 
-    Training draws one of the slice's objects at random and jitters its box outwards (0..`jitter`
-    px, seeded per draw); validation (`train=False`) always takes the slice's object with the lowest
-    label value and its exact box, so every epoch is scored on the same task.
+    Training draws one of the slice's objects at random and jitters its box outwards by 0..`jitter`
+    *model* pixels (the paper's 0-20 px at 1024 are 0-5 at LiteMedSAM's 256; seeded per draw);
+    validation (`train=False`) takes the slice's first object (see `per_object`) and its exact box,
+    so every epoch is scored on the same task. `groups` (one int per sample) comes back as "group".
     """
 
     def __init__(self, cases: Sequence[Case], samples: Sequence[SliceSample], segmenter: Segmenter,
-                 train: bool, jitter: int = 20, seed: int = 0, cache_volumes: int = 2) -> None:
+                 train: bool, jitter: float = 5, seed: int = 0, cache_volumes: int = 2,
+                 groups: Sequence[int] | None = None) -> None:
         self.cases = list(cases)
         self.samples = list(samples)
         self.segmenter = segmenter
@@ -115,6 +149,7 @@ class SliceDataset(Dataset):
         self.train = train
         self.jitter = jitter if train else 0
         self.seed = seed
+        self.groups = list(groups) if groups is not None else [0] * len(self.samples)
         self.draws = 0
         self.cache_volumes = cache_volumes
         self._volumes: OrderedDict[int, tuple[Volume, np.ndarray]] = OrderedDict()
@@ -148,8 +183,11 @@ class SliceDataset(Dataset):
             value = sample.values[0]
         truth = label[sample.slice] == value
         height, width = volume.slice_shape
-        box = expand_box(mask_box(truth), self.jitter, rng, height, width)  # type: ignore[arg-type]
-        return prepare_sample(self.segmenter, volume, sample.slice, truth, box, self.low_res)
+        sy, sx = Fit(height, width, self.geometry).scale  # model pixels per slice pixel
+        box = expand_box(mask_box(truth), (self.jitter / sx, self.jitter / sy), rng, height, width)  # type: ignore[arg-type]
+        item = prepare_sample(self.segmenter, volume, sample.slice, truth, box, self.low_res)
+        item["group"] = torch.tensor(self.groups[index])
+        return item
 
 
 def prepare_sample(segmenter: Segmenter, volume: Volume, k: int, truth: np.ndarray, box: Box,

@@ -1,5 +1,8 @@
-"""Fine-tune MedSAM from labelled volumes, as the paper did: image encoder and mask decoder trained,
-prompt encoder frozen, Dice + BCE loss, AdamW, boxes from the label's objects jittered by 0-20 px.
+"""Fine-tune MedSAM from labelled volumes with the paper's loss and optimiser (Dice + BCE, AdamW),
+prompt encoder frozen, boxes from the label's objects jittered outwards by 0-5 model pixels (the
+paper's 0-20 px at 1024). The paper trains the image encoder too; here it is frozen by default
+(`encoder_lr_scale` 0): on the sample CT that kept the other organs far better for most of the gain
+(scripts/finetune_gain.py); `encoder_lr_scale` > 0 trains it at lr x that.
 
 One code path for one process, MONAI Label's `multi_gpu` (processes spawned by the app) and
 `torchrun` (any number of nodes): the process group comes from the environment (RANK, WORLD_SIZE,
@@ -8,14 +11,24 @@ SupervisedEvaluator (ignite), with the evaluator run on held-back slices before 
 (the starting weights' score) and after each one. The best epoch is published atomically where the
 server's infer task reloads it (see checkpoints.py); a run that fails or is killed publishes nothing
 more, so the served weights stay as they were.
+
+The publish gate sees forgetting: validation holds whole blocks of slices (never a neighbour of a
+training slice), scores every label value on its own, and scores an anchor set (objects that are
+not trained on, e.g. the other organs of the labelled images) with the starting (served) weights
+before the first epoch. An epoch is published only when no label value and not the anchor set fell
+by more than `max_drop` (DSC, default 0.02) below the starting weights; the stats say why not.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import logging
 import os
+import signal
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,9 +41,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .atomicio import atomic_write
-from .checkpoints import publish, save_checkpoint, write_json
+from .checkpoints import publish, read_json, save_checkpoint, write_json
 from .datastore import Case, label_names, list_cases
-from .dataset import SliceDataset, SliceSample, index_slices, split_samples, spread
+from .dataset import SliceDataset, SliceSample, index_slices, per_object, split_samples, spread
 from .errors import EngineInputError
 from .models import SamModel, load_model
 from .segmenter import Segmenter
@@ -54,11 +67,15 @@ class TrainConfig:
     max_epochs: int = 10
     batch_size: int = 4
     lr: float = 1e-4
+    encoder_lr_scale: float = 0.0  # the image encoder's lr is lr x this (0, the default: encoder frozen)
     weight_decay: float = 0.01
-    jitter: int = 20
+    jitter: float = 5  # model pixels (LiteMedSAM: 256 px; the paper's 0-20 px at 1024)
     val_split: float = 0.2
+    val_block: int = 4  # validation holds back blocks of this many neighbouring slices
     max_train_slices: int = 0  # 0: all
     max_val_slices: int = 0
+    max_anchor_objects: int = 24  # anchor objects validated each epoch (0: no anchor set)
+    max_drop: float = 0.02  # publish gate: largest DSC drop of a label value or the anchor set
     early_stop_patience: int = 3  # epochs without a better validation Dice; 0: off
     precision: str = "bf16"  # autocast dtype on GPUs (CPUs train in fp32)
     publish_mode: str = "improved"  # improved: only above the starting weights' Dice; best: this run's best
@@ -80,6 +97,8 @@ class TrainConfig:
             raise EngineInputError("max_epochs and batch_size must be at least 1")
         if not 0 <= self.val_split < 1:
             raise EngineInputError(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.jitter < 0 or self.max_drop < 0 or self.encoder_lr_scale < 0:
+            raise EngineInputError("jitter, max_drop and encoder_lr_scale must not be negative")
 
 
 class PromptedSam(nn.Module):
@@ -164,6 +183,95 @@ class _LogitsInferer:
         return network(inputs, *args, **kwargs)[0]
 
 
+ANCHOR = "anchor"
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where tensors for a collective must live: NCCL reduces only CUDA tensors (a CPU tensor in
+    an NCCL group fails), gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a tensor over the ranks (a copy, on the collective's device); as is with no process group."""
+    if not dist.is_initialized():
+        return values.clone()
+    reduced = values.detach().to(collective_device(device), dtype=torch.float64)
+    dist.all_reduce(reduced)
+    return reduced
+
+
+class GroupDice:
+    """Validation Dice per group (each trained label value, and the anchor set), over all ranks.
+
+    Attached to the evaluator before anything that reads its score: at the end of each pass it
+    sets `val_dice` (mean over the trained label values, each counted once) and keeps `scores`
+    ({group name: mean Dice}) for the publish gate."""
+
+    def __init__(self, names: Sequence[str], device: torch.device) -> None:
+        self.names = list(names)
+        self.device = device
+        self.scores: dict[str, float] = {}
+        self._sums = torch.zeros(len(self.names), 2, dtype=torch.float64)
+
+    def attach(self, evaluator: Any) -> None:
+        from ignite.engine import Events
+
+        evaluator.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+
+    def _reset(self, engine: Any) -> None:
+        self._sums.zero_()
+
+    def _update(self, engine: Any) -> None:
+        output, batch = engine.state.output, engine.state.batch
+        if isinstance(output, dict):
+            output, batch = [output], [batch]
+        for item, sample in zip(output, batch):
+            pred, truth = item["pred"].detach().float() > 0.5, item["label"].detach().float() > 0.5
+            total = float(pred.sum() + truth.sum())
+            dice = 1.0 if total == 0 else 2.0 * float((pred & truth).sum()) / total
+            group = int(sample["group"])
+            self._sums[group, 0] += dice
+            self._sums[group, 1] += 1
+
+    def _completed(self, engine: Any) -> None:
+        sums = all_reduce_sum(self._sums, self.device).cpu()
+        self.scores = {name: float(sums[i, 0] / sums[i, 1]) for i, name in enumerate(self.names) if sums[i, 1] > 0}
+        trained = [v for name, v in self.scores.items() if name != ANCHOR]
+        engine.state.metrics["val_dice"] = sum(trained) / len(trained) if trained else 0.0
+
+
+def forgetting(scores: dict[str, float], baseline: dict[str, float], max_drop: float) -> str | None:
+    """Why weights may not be published: the groups (label values, the anchor set) whose Dice fell
+    by more than `max_drop` below the starting weights'; None when none did."""
+    fallen = [f"{name} {baseline[name]:.3f} -> {scores[name]:.3f}" for name in baseline
+              if name in scores and scores[name] < baseline[name] - max_drop]
+    if not fallen:
+        return None
+    return (f"validation Dice fell by more than {max_drop * 100:g} points below the served model's: "
+            + ", ".join(fallen))
+
+
+def native_bf16() -> bool:
+    """Whether the current GPU computes bf16 natively (PyTorch counts emulation unless told not to)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def autocast_dtype(precision: str, device: torch.device, bf16_native: bool) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`: none on CPUs and for fp32; bf16 only where
+    the GPU computes it natively, else fp16 (emulated bf16 is slower than fp32)."""
+    dtype = PRECISIONS[precision]
+    if device.type != "cuda" or dtype is None:
+        return None
+    if dtype is torch.bfloat16 and not bf16_native:
+        return torch.float16
+    return dtype
+
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -172,7 +280,7 @@ class Distributed:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return dist.is_initialized()
 
     @property
     def main(self) -> bool:
@@ -180,15 +288,16 @@ class Distributed:
 
 
 def init_distributed(device: str | None) -> tuple[Distributed, torch.device]:
-    """The process group from the environment (torchrun, or the app's spawned workers), and this
-    process's device: NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPUs."""
+    """The process group from the environment (torchrun, also with one process, or the app's
+    spawned workers), and this process's device: NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     if use_cuda:
-        torch.cuda.set_device(local_rank if world > 1 else torch.device(device or "cuda").index or 0)
+        index = torch.device(device or "cuda").index
+        torch.cuda.set_device(index if index is not None else (local_rank if world > 1 else 0))
         target = torch.device("cuda", torch.cuda.current_device())
     else:
         target = torch.device("cpu")
@@ -209,14 +318,19 @@ class RunRecorder:
     """Per-epoch figures (train loss, validation Dice), publishing of better weights, the stats
     JSON that MONAI Label and Slicer show, and the training-curves PNG next to it (main rank)."""
 
-    def __init__(self, cfg: TrainConfig, ctx: Distributed, model: SamModel, net: PromptedSam, info: dict) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: Distributed, model: SamModel, net: PromptedSam, info: dict,
+                 groups: GroupDice, device: torch.device) -> None:
         self.cfg, self.ctx, self.model, self.net = cfg, ctx, model, net
+        self.groups, self.device = groups, device
         self.start = time.time()
         self.losses: list[float] = []
+        self.samples = 0
+        self.epoch_start = self.start
         self.stats: dict[str, Any] = {
             "status": "running", "run_id": cfg.run_id, "model": model.name, "start_version": model.version,
             "epoch": 0, "total_epochs": cfg.max_epochs, "best_metric": None, "best_metric_epoch": None,
-            "baseline_val_dice": None, "published": None, "history": [], "start_ts": int(self.start),
+            "baseline_val_dice": None, "baseline_by_group": None, "published": None, "publish_refused": None,
+            "max_drop": cfg.max_drop, "history": [], "start_ts": int(self.start),
             "world_size": ctx.world_size, "config": _plain(dataclasses.asdict(cfg)), **info,
         }
         self._best = float("-inf")
@@ -224,47 +338,64 @@ class RunRecorder:
     def attach(self, trainer: Any, evaluator: Any) -> None:
         from ignite.engine import Events
 
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: self._validated(engine, trainer))
 
+    def _epoch_started(self, engine: Any) -> None:
+        self.epoch_start, self.samples = time.time(), 0
+
     def _iteration(self, engine: Any) -> None:
         self.losses.append(_loss(engine.state.output))
+        self.samples += int(engine.state.batch["image"].shape[0])
 
     def _epoch(self, engine: Any) -> None:
-        loss = torch.tensor([sum(self.losses), len(self.losses)], dtype=torch.float64)
-        if self.ctx.enabled:
-            dist.all_reduce(loss)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.time() - self.epoch_start
+        steps = len(self.losses)
+        loss = all_reduce_sum(torch.tensor([sum(self.losses), steps, self.samples], dtype=torch.float64), self.device)
         self.losses = []
         self.stats["history"].append({"epoch": engine.state.epoch, "train_loss": float(loss[0] / max(loss[1], 1)),
-                                      "val_dice": None, "seconds": round(time.time() - self.start, 1)})
+                                      "val_dice": None, "seconds": round(time.time() - self.start, 1),
+                                      "train_seconds": round(seconds, 3), "steps": steps,
+                                      "samples": int(loss[2])})
         self.stats["epoch"] = engine.state.epoch
 
     def _validated(self, evaluator: Any, trainer: Any) -> None:
         dice = float(evaluator.state.metrics["val_dice"])
+        scores = {k: round(v, 6) for k, v in self.groups.scores.items()}
         epoch = trainer.state.epoch
         if epoch == 0:
-            self.stats["baseline_val_dice"] = dice
+            self.stats["baseline_val_dice"], self.stats["baseline_by_group"] = dice, scores
             self._best = dice if self.cfg.publish_mode == "improved" else float("-inf")
             self.write()
             return
-        self.stats["history"][-1]["val_dice"] = dice
+        self.stats["history"][-1].update(val_dice=dice, by_group=scores)
+        refusal = forgetting(scores, self.stats["baseline_by_group"], self.cfg.max_drop)
         if self.ctx.main:  # MONAI Label shows the train subprocess's last log lines in GET /train/
-            logger.info("epoch %d/%d: train loss %.4f, validation Dice %.4f (starting weights %.4f)", epoch,
-                        self.cfg.max_epochs, self.stats["history"][-1]["train_loss"], dice,
-                        self.stats["baseline_val_dice"])
+            logger.info("epoch %d/%d: train loss %.4f, validation Dice %.4f (starting weights %.4f); by group %s",
+                        epoch, self.cfg.max_epochs, self.stats["history"][-1]["train_loss"], dice,
+                        self.stats["baseline_val_dice"], scores)
         if self.stats["best_metric"] is None or dice > self.stats["best_metric"]:
             self.stats["best_metric"], self.stats["best_metric_epoch"] = dice, epoch
+        wanted = dice > self._best and self.cfg.publish_path is not None and self.cfg.publish_mode != "never"
+        if wanted and refusal:
+            self.stats["publish_refused"] = f"epoch {epoch} not published: {refusal}"
+            if self.ctx.main:
+                logger.warning("%s", self.stats["publish_refused"])
         if self.ctx.main:
             state = self.net.state_dict()
             inner = {k[len("net."):]: v for k, v in state.items()}
             meta = {"run_id": self.cfg.run_id, "epoch": epoch, "val_dice": dice, "start_version": self.model.version}
             save_checkpoint(self.cfg.output_dir / "checkpoint_last.pt", inner, meta)
-            if dice > self._best and self.cfg.publish_path and self.cfg.publish_mode != "never":
-                self._best = dice
+            if wanted and not refusal:
                 self.stats["published"] = publish(self.cfg.publish_path, inner, self.model.name, meta)
                 logger.info("published %s (validation Dice %.4f, epoch %d)", self.stats["published"]["version"],
                             dice, epoch)
+        if wanted and not refusal:
+            self._best = dice
         self.write()
 
     def finish(self, status: str, checksums: list[str] | None = None) -> dict[str, Any]:
@@ -335,60 +466,88 @@ def _loader(dataset: SliceDataset, cfg: TrainConfig, ctx: Distributed, train: bo
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
 
 
+def plan_samples(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[SliceSample] | None = None,
+                 val_samples: Sequence[SliceSample] | None = None,
+                 anchor_samples: Sequence[SliceSample] = ()) -> tuple[list[SliceSample], list[SliceSample],
+                                                                      list[SliceSample]]:
+    """The training slices, the validation objects (one per label value and slice) and the anchor
+    objects of a run; input errors (nothing to train or validate on) are raised here."""
+    if train_samples is None:
+        samples = index_slices(cases)
+        train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed, cfg.val_block)
+    train_samples = spread(train_samples, cfg.max_train_slices)
+    val_objects = per_object(spread(val_samples or [], cfg.max_val_slices))
+    anchors = spread(per_object(anchor_samples), cfg.max_anchor_objects) if cfg.max_anchor_objects else []
+    if not train_samples:
+        raise EngineInputError("no labelled slices to train on: save some final labels first")
+    if not val_objects:
+        raise EngineInputError("no validation slices: label more slices or raise val_split")
+    return train_samples, val_objects, anchors
+
+
 def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[SliceSample] | None = None,
-          val_samples: Sequence[SliceSample] | None = None) -> dict[str, Any]:
+          val_samples: Sequence[SliceSample] | None = None, anchor_samples: Sequence[SliceSample] = ()
+          ) -> dict[str, Any]:
     """Fine-tune on `cases` (or the given samples); returns the run's stats (also written to
-    cfg.stats_path). Under a process group every rank calls this with the same arguments."""
+    cfg.stats_path). `anchor_samples`: objects not trained on, which must not be forgotten. Under
+    a process group every rank calls this with the same arguments."""
     from ignite.engine import Events
     from ignite.handlers import EarlyStopping
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import MeanDice, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
+    from monai.handlers import StatsHandler, TensorBoardStatsHandler, ValidationHandler
     from monai.transforms import Activationsd, AsDiscreted, Compose
 
     ctx, device = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    if train_samples is None:
-        samples = index_slices(cases)
-        train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed)
-    train_samples = spread(train_samples, cfg.max_train_slices)
-    val_samples = spread(val_samples or [], cfg.max_val_slices)
-    if not train_samples:
-        raise EngineInputError("no labelled slices to train on: save some final labels first")
-    if not val_samples:
-        raise EngineInputError("no validation slices: label more slices or raise val_split")
+    train_samples, val_objects, anchors = plan_samples(cfg, cases, train_samples, val_samples, anchor_samples)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_model(cfg.model, cfg.checkpoint, str(device))
     model.net.to(memory_format=torch.contiguous_format)  # inference's channels-last layout; DDP buckets want contiguous
     segmenter = Segmenter(model)
     net = PromptedSam(model.net, cfg.freeze_norm_stats).to(device)
+    if cfg.encoder_lr_scale == 0:  # a frozen image encoder: only the mask decoder learns
+        for p in net.net.image_encoder.parameters():
+            p.requires_grad_(False)
     trained = net
     if ctx.enabled:
         trained = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    amp = device.type == "cuda" and PRECISIONS[cfg.precision] is not None
-    amp_kwargs = {"dtype": PRECISIONS[cfg.precision]} if amp else None
+    encoder = {id(p) for p in net.net.image_encoder.parameters()}
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in params if id(p) not in encoder], "lr": cfg.lr},
+        {"params": [p for p in params if id(p) in encoder], "lr": cfg.lr * cfg.encoder_lr_scale},
+    ], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dtype = autocast_dtype(cfg.precision, device, native_bf16())
+    amp = dtype is not None
+    amp_kwargs = {"dtype": dtype} if amp else None
 
+    names = [f"label {v}" for v in sorted({s.values[0] for s in val_objects})]
+    groups = [names.index(f"label {s.values[0]}") for s in val_objects]
+    if anchors:
+        names.append(ANCHOR)
+        groups += [len(names) - 1] * len(anchors)
     train_ds = SliceDataset(cases, train_samples, segmenter, train=True, jitter=cfg.jitter, seed=cfg.seed + ctx.rank)
-    val_ds = SliceDataset(cases, val_samples, segmenter, train=False)
+    val_ds = SliceDataset(cases, [*val_objects, *anchors], segmenter, train=False, groups=groups)
     events_dir = str(cfg.output_dir / "events")
-    info = {"device": str(device), "train_slices": len(train_samples), "val_slices": len(val_samples),
+    info = {"device": str(device), "autocast": str(dtype).replace("torch.", "") if dtype else None,
+            "train_slices": len(train_samples), "val_slices": len({(s.case, s.slice) for s in val_objects}),
+            "val_objects": len(val_objects), "anchor_objects": len(anchors),
             "trainable_parameters": sum(p.numel() for p in params)}
 
-    val_handlers = []
+    group_dice = GroupDice(names, device)
+    val_handlers: list[Any] = [group_dice]  # first: the handlers after it (logs, early stopping, publishing) read its score
     if ctx.main:
-        val_handlers = [StatsHandler(output_transform=lambda x: None, iteration_log=False),
+        val_handlers += [StatsHandler(output_transform=lambda x: None, iteration_log=False),
                         TensorBoardStatsHandler(log_dir=events_dir, output_transform=lambda x: None,
                                                 iteration_log=False)]
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=_loader(val_ds, cfg, ctx, train=False), network=net,
         prepare_batch=prepare_batch, inferer=_LogitsInferer(),
         postprocessing=Compose([Activationsd(keys="pred", sigmoid=True), AsDiscreted(keys="pred", threshold=0.5)]),
-        key_val_metric={"val_dice": MeanDice(include_background=True, output_transform=from_engine(["pred", "label"]))},
         val_handlers=val_handlers, amp=amp, amp_kwargs=amp_kwargs,
     )
-    recorder = RunRecorder(cfg, ctx, model, net, info)
+    recorder = RunRecorder(cfg, ctx, model, net, info, group_dice, device)
     train_handlers: list[Any] = []
     if ctx.main:
         train_handlers += [StatsHandler(tag_name="train_loss", output_transform=_loss),
@@ -406,8 +565,8 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
             patience=cfg.early_stop_patience, score_function=lambda engine: engine.state.metrics["val_dice"],
             trainer=trainer))
 
-    logger.info("rank %d/%d on %s: %d training slices, %d validation slices, start weights %s", ctx.rank,
-                ctx.world_size, device, len(train_samples), len(val_samples), model.version)
+    logger.info("rank %d/%d on %s: %d training slices, %d validation objects, %d anchor objects, start weights %s",
+                ctx.rank, ctx.world_size, device, len(train_samples), len(val_objects), len(anchors), model.version)
     try:
         trainer.run()
     except BaseException:
@@ -434,32 +593,86 @@ def train_datastore(root: str | Path, cfg: TrainConfig, organs: Sequence[str] = 
                     val_images: Sequence[str] = ()) -> dict[str, Any]:
     """`main.py train`: fine-tune on a MONAI Label local datastore's final labels.
 
-    `organs` (names from labels.json) restricts the objects trained and validated on; `val_images`
-    holds whole images back for validation instead of a random share of the slices.
+    `organs` (names from labels.json) restricts the objects trained and validated on; the other
+    labelled objects are the anchor set (they must not be forgotten). `val_images` holds whole
+    images back for validation instead of blocks of slices.
     """
     cases = list_cases(root)
     if not cases:
         raise EngineInputError(f"no labelled images in {root}")
     values = None
+    anchors: list[SliceSample] = []
     if organs:
         names = label_names(root)
         values = {image: {v for v, name in by_value.items() if name in set(organs)} for image, by_value in names.items()}
         values = {image: found for image, found in values.items() if found}
         if not values:
             raise EngineInputError(f"no image in {root} has a label named {', '.join(organs)} (see labels.json)")
+        others = {image: set(by_value) - values.get(image, set()) for image, by_value in names.items()}
+        anchors = index_slices(cases, {image: found for image, found in others.items() if found})
     samples = index_slices(cases, values)
     if val_images:
         unknown = set(val_images) - {c.image_id for c in cases}
         if unknown:
             raise EngineInputError(f"validation images not in the datastore: {', '.join(sorted(unknown))}")
         held = {i for i, c in enumerate(cases) if c.image_id in set(val_images)}
-        return train(cfg, cases, [s for s in samples if s.case not in held], [s for s in samples if s.case in held])
-    train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed)
-    return train(cfg, cases, train_samples, val_samples)
+        return train(cfg, cases, [s for s in samples if s.case not in held], [s for s in samples if s.case in held],
+                     anchors)
+    train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed, cfg.val_block)
+    return train(cfg, cases, train_samples, val_samples, anchors)
 
 
-def spawned_worker(rank: int, world_size: int, cfg: TrainConfig, cases: Sequence[Case]) -> None:
-    """One process of a run spawned per GPU (MONAI Label's multi_gpu): set the environment that
-    torchrun would, then train. MASTER_ADDR and MASTER_PORT come from the parent."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Be killed (SIGKILL) when the process that started this one dies, so an orphaned rank or
+    train process stops using the device and publishes nothing behind a restarted server.
+    Written by hand because no installed library wraps prctl; Linux only (elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawned_worker(rank: int, world_size: int, cfg: TrainConfig, cases: Sequence[Case],
+                   devices: Sequence[int] | None, parent: int, errors: Any) -> None:
+    """One process of a run spawned per GPU (MONAI Label's multi_gpu): die with the parent, set
+    the environment that torchrun would, then train on GPU `devices[rank]`. An input error goes
+    back to the parent through `errors` (spawn passes only a traceback's text)."""
+    die_with_parent(parent)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    train(cfg, cases)
+    if devices:
+        cfg = dataclasses.replace(cfg, device=f"cuda:{devices[rank]}")
+    try:
+        train(cfg, cases)
+    except EngineInputError as exc:
+        errors.put(str(exc))
+        raise
+
+
+def train_spawned(cfg: TrainConfig, cases: Sequence[Case], devices: Sequence[int] | None = None,
+                  nprocs: int | None = None) -> dict[str, Any]:
+    """Train in one spawned process per GPU in `devices` (or `nprocs` CPU processes, gloo) and
+    return the stats the main rank wrote; an input error in a rank is raised here as EngineInputError."""
+    import torch.multiprocessing as mp
+
+    nprocs = len(devices) if devices else (nprocs or 1)
+    plan_samples(cfg, cases)  # input errors before any process starts
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.spawn(spawned_worker, nprocs=nprocs, args=(nprocs, cfg, cases, list(devices or []), os.getpid(), errors))
+    except mp.ProcessRaisedException:
+        if not errors.empty():
+            raise EngineInputError(errors.get()) from None
+        raise
+    return read_json(cfg.stats_path, {})

@@ -24,12 +24,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, Optional, Union
 
 import torch
 from lib.activelearning import Diversity, Uncertainty
 from lib.endpoints.guard import DEFAULT_MAX_UPLOAD_MB
 from lib.infers import MedSAMInfer
+from lib.infers.drafts import DraftWriter
 from lib.infers.engines import SegmenterPool
 from lib.infers.prefetch import Prefetcher
 from lib.infers.volumes import VolumeCache
@@ -40,6 +42,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.interfaces.utils.app import app_instance
 
 DEFAULT_LABELS = ("lesion", "liver", "spleen", "kidney_left", "kidney_right", "pancreas", "stomach",
                   "gallbladder", "aorta", "lung_nodule", "tumor")
@@ -54,6 +57,18 @@ def _int(conf: Dict[str, str], key: str, default: int) -> int:
 
 def _bool(conf: Dict[str, str], key: str) -> bool:
     return str(conf.get(key, "false")).strip().lower() in ("1", "true", "yes", "on")
+
+
+def task_subprocess_method(argv: list[str] | None = None) -> str | None:
+    """The method ("train", "scoring", ...) when this process is one of MONAI Label's task
+    subprocesses (`python -m monailabel.interfaces.utils.app -m METHOD ...`), else None."""
+    argv = sys.argv if argv is None else argv
+    if not argv or not argv[0].replace(os.sep, "/").endswith("monailabel/interfaces/utils/app.py"):
+        return None
+    for flag in ("-m", "--method"):
+        if flag in argv[1:-1]:
+            return argv[argv.index(flag) + 1]
+    return None
 
 
 class MedSAM(TaskConfig):
@@ -83,9 +98,13 @@ class MedSAM(TaskConfig):
         self._pool: Optional[SegmenterPool] = None
 
     def pool(self) -> SegmenterPool:
-        """The loaded models (the default one at first use), shared by inference and strategies."""
+        """The loaded models (the default one at first use), shared by inference and strategies.
+
+        MONAI Label's task subprocesses (train, scoring) build the whole app, infer task included:
+        there the model is loaded on the CPU, leaving the GPU to the training model."""
         if self._pool is None:
-            self._pool = SegmenterPool(self.model, self.path, self.device, self.cache_bytes, published=self.published,
+            device = "cpu" if task_subprocess_method() not in (None, "infer", "batch_infer") else self.device
+            self._pool = SegmenterPool(self.model, self.path, device, self.cache_bytes, published=self.published,
                                        max_encodes=self.max_encodes or None)
         return self._pool
 
@@ -96,7 +115,8 @@ class MedSAM(TaskConfig):
         torch.set_num_threads(max(1, self.threads))
         pool = self.pool()
         version = pool.get().model.version
-        return {self.name: MedSAMInfer(pool, self.volumes, Prefetcher(self.prefetch_slices), self.labels,
+        drafts = DraftWriter(lambda: app_instance().datastore(), self.labels)
+        return {self.name: MedSAMInfer(pool, self.volumes, Prefetcher(self.prefetch_slices), self.labels, drafts,
                                        description=f"MedSAM box prompts ({version}): draw a box or click its corners")}
 
     def trainer(self) -> Optional[TrainTask]:

@@ -10,6 +10,7 @@ from medsam_engine import SegmentationResult, Segmenter
 from medsam_engine.geometry import check_box
 from medsam_engine.imageio import Volume
 
+from lib.infers.drafts import DraftWriter
 from lib.infers.engines import SegmenterPool
 from lib.infers.output import result_format, write_result
 from lib.infers.prefetch import Prefetcher
@@ -33,10 +34,12 @@ class MedSAMInfer(InferTask):
 
     Images stay loaded per path (`VolumeCache`), slice embeddings stay in the engine's cache, and
     after each request the open image's other slices are encoded in the background (`Prefetcher`).
+    An answer on a datastore image is merged into that image's draft (`drafts`, see drafts.py).
     """
 
     def __init__(self, pool: SegmenterPool, volumes: VolumeCache, prefetcher: Prefetcher,
-                 labels: Sequence[str], description: str = "MedSAM: segment what a box encloses") -> None:
+                 labels: Sequence[str], drafts: DraftWriter | None = None,
+                 description: str = "MedSAM: segment what a box encloses") -> None:
         super().__init__(
             type=InferType.DEEPGROW,
             labels=list(labels),
@@ -47,6 +50,7 @@ class MedSAMInfer(InferTask):
         self.pool = pool
         self.volumes = volumes
         self.prefetcher = prefetcher
+        self.drafts = drafts
 
     def is_valid(self) -> bool:
         return True
@@ -57,7 +61,8 @@ class MedSAMInfer(InferTask):
         return info
 
     def describe(self) -> dict:
-        return {"models": self.pool.describe(), "background_encoding": self.prefetcher.status()}
+        return {"models": self.pool.describe(), "background_encoding": self.prefetcher.status(),
+                "drafts": self.drafts.status() if self.drafts is not None else None}
 
     def __call__(self, request: dict) -> Tuple[Union[str, None], Dict]:
         start = time.perf_counter()
@@ -72,10 +77,16 @@ class MedSAMInfer(InferTask):
             path = write_result(result.label, volume, extension, dtype, _flag(request.get("result_compress"), True))
             write_ms = (time.perf_counter() - written) * 1000
         self._encode_around(segmenter, volume, translation, result, request.get("window"))
+        draft = None
+        if self.drafts is not None:
+            draft = self.drafts.save(request["image"], volume, result.label, request.get("label"),
+                                     segmenter.model.version)
         latency = {"load": load_ms, "encode": result.timings_ms.get("encode", 0.0),
                    "decode": result.timings_ms.get("decode", 0.0), "write": write_ms,
                    "total": (time.perf_counter() - start) * 1000}
-        return path, self._reply(request, segmenter, translation, result, was_open, latency)
+        reply = self._reply(request, segmenter, translation, result, was_open, latency)
+        reply["draft"] = draft
+        return path, reply
 
     def _encode_around(self, segmenter: Segmenter, volume: Volume, translation: Translation,
                        result: SegmentationResult, window: object) -> None:

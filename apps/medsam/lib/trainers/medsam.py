@@ -4,15 +4,17 @@ MONAI Label runs it in a subprocess of the server (POST /train/medsam, Slicer's 
 buttons), so inference keeps serving; on a CPU the subprocess lowers its priority and uses half
 the cores. The best epoch is published to the file the infer task hot-reloads; `GET /train/`
 shows the subprocess's log and `GET /info/` the stats below (also as a PNG beside them).
+
+An epoch is published only when no trained label value fell by more than `max_drop` DSC below the
+served model on the held-back blocks of slices (the reason of a refusal is in the stats and the
+log). `gpus`: "all", or the CUDA device indices to train on ("0,2"); two or more with
+`multi_gpu` run one process per GPU.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from medsam_engine import EngineInputError
 from medsam_engine.atomicio import remove_stale_temps
 from medsam_engine.checkpoints import read_json, reconcile_manifest
 from medsam_engine.datastore import Case
-from medsam_engine.training import TrainConfig, spawned_worker, train
+from medsam_engine.training import TrainConfig, die_with_parent, train, train_spawned
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
@@ -36,10 +38,12 @@ DEFAULTS: dict[str, Any] = {
     "max_epochs": 10,
     "train_batch_size": 4,
     "lr": 1e-4,
+    "encoder_lr_scale": 0.0,
     "weight_decay": 0.01,
     "val_split": 0.2,
     "early_stop_patience": 3,
-    "jitter": 20,
+    "jitter": 5,
+    "max_drop": 0.02,
     "max_train_slices": 0,
     "max_val_slices": 0,
     "publish": ["improved", "best", "never"],
@@ -65,32 +69,39 @@ def _option(request: dict, key: str, kind: type) -> Any:
                                                                  f"got {value!r}") from None
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PARENT_AT_START = os.getppid()
 
 
 def _die_with_server() -> None:
     """In MONAI Label's train subprocess: be killed when the server dies (kill -9, OOM), so an
-    orphaned run does not go on using the CPU and publish weights behind a restarted server.
-    Written by hand because no installed library wraps prctl; Linux only (elsewhere a no-op)."""
-    if "monailabel.app" in sys.modules or not sys.platform.startswith("linux"):
-        return  # in the server itself (run_sync=true), or not Linux
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != PARENT_AT_START:  # the server died before the line above
-        os._exit(1)
+    orphaned run does not go on using the device and publish weights behind a restarted server
+    (the ranks it spawns die with it in turn)."""
+    if "monailabel.app" not in sys.modules:  # not in the server itself (run_sync=true)
+        die_with_parent(PARENT_AT_START)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def gpu_ids(value: object, available: int) -> list[int]:
+    """The `gpus` option: "all" (or empty) for every visible GPU, else CUDA indices "0,2"."""
+    text = str(value if value is not None else "all").strip().lower()
+    if text in ("", "all"):
+        return list(range(available))
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MONAILabelException(MONAILabelError.INVALID_INPUT,
+                                  f"train option gpus must be 'all' or GPU indices like '0,1', got {value!r}") from None
+    wrong = [i for i in ids if not 0 <= i < available]
+    if wrong or len(set(ids)) != len(ids) or not ids:
+        raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"train option gpus={value!r}: this server has "
+                                                                 f"{available} GPU(s) (indices 0-{available - 1})")
+    return ids
 
 
 class MedSAMTrain(TrainTask):
     def __init__(self, model: str, model_dir: str | os.PathLike, publish_path: str | os.PathLike,
                  served_checkpoint: Callable[[], str | None], device: str | None) -> None:
-        super().__init__("Fine-tune MedSAM on the final labels: image encoder and mask decoder trained, prompt "
-                         "encoder frozen; the best epoch is served at once")
+        super().__init__("Fine-tune MedSAM on the final labels: mask decoder trained (image encoder too with "
+                         "encoder_lr_scale > 0); an epoch that forgets is not published, the best one is served at once")
         self.model = model
         self.model_dir = Path(model_dir)
         self.publish_path = Path(publish_path)
@@ -134,14 +145,19 @@ class MedSAMTrain(TrainTask):
             checkpoint=self.served_checkpoint(), device=self.device,
             max_epochs=_option(request, "max_epochs", int), batch_size=_option(request, "train_batch_size", int),
             lr=_option(request, "lr", float), weight_decay=_option(request, "weight_decay", float),
-            jitter=_option(request, "jitter", int), val_split=_option(request, "val_split", float),
+            encoder_lr_scale=_option(request, "encoder_lr_scale", float),
+            jitter=_option(request, "jitter", float), val_split=_option(request, "val_split", float),
+            max_drop=_option(request, "max_drop", float),
             max_train_slices=_option(request, "max_train_slices", int),
             max_val_slices=_option(request, "max_val_slices", int),
             early_stop_patience=_option(request, "early_stop_patience", int),
             precision=_option(request, "precision", str), publish_mode=_option(request, "publish", str),
             num_workers=_option(request, "num_workers", int), seed=_option(request, "seed", int),
         )
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() and self.device != "cpu" else 0
+        available = torch.cuda.device_count() if torch.cuda.is_available() and self.device != "cpu" else 0
+        gpus = gpu_ids(_option(request, "gpus", str), available) if available else []
+        if len(gpus) == 1:
+            cfg.device = f"cuda:{gpus[0]}"
         if not gpus:
             # Share the CPU with the server: lower priority, half the cores unless told otherwise.
             os.nice(10)
@@ -149,12 +165,11 @@ class MedSAMTrain(TrainTask):
         logger.info("fine-tuning %s from %s on %d labelled images", self.model, cfg.checkpoint or "bundled weights",
                     len(cases))
         try:
-            if _option(request, "multi_gpu", bool) and gpus > 1:
+            if _option(request, "multi_gpu", bool) and len(gpus) > 1:
                 # MONAI Label's multi_gpu: one process per GPU (DDP, NCCL), as its BasicTrainTask does.
-                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(_free_port()))
-                torch.multiprocessing.spawn(spawned_worker, nprocs=gpus, args=(gpus, cfg, cases))
-                return self.stats()
+                return train_spawned(cfg, cases, gpus)
+            if len(gpus) > 1:
+                cfg.device = f"cuda:{gpus[0]}"
             return train(cfg, cases)
         except EngineInputError as exc:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(exc)) from None
