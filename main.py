@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--jitter", type=int, default=20, help="box edges moved outwards by 0..PX pixels")
+    p.add_argument("--jitter", type=float, default=5.0, help="box edges moved outwards by 0..PX model pixels (the paper: 0-20 at 1024 px)")
     p.add_argument("--val-split", type=float, default=0.2, help="share of slices held back for validation")
     p.add_argument("--val-image", action="append", help="hold this image back for validation instead")
     p.add_argument("--organ", action="append", help="train on this label name only (labels.json)")

@@ -24,7 +24,7 @@ def test_info_describes_model_labels_and_config(server):
     assert models["loaded"]["medsam-lite"]["version"].startswith("medsam-lite@")
     assert models["cache"]["max_encodes"] == 2  # --conf max_encodes 2 (app_helpers.SERVER_CONF)
     assert info["medsam"]["model"] == "medsam-lite" and info["medsam"]["prefetch_slices"] == 3
-    assert info["datastore"]["total"] == 3
+    assert info["datastore"]["total"] == 5  # three labelled images, two to annotate
 
 
 def test_ohif_page_is_served(server):

@@ -126,7 +126,7 @@ def _check_datastore(url: str, studies: Path) -> dict:
     name, and no temporary file is left anywhere in the folder."""
     config = json.loads((studies / "datastore_v2.json").read_text())
     listing = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
-    assert set(listing["objects"]) == {"ct_3mm", "ct_512", "mr_3mm"}
+    assert set(listing["objects"]) == {"ct_3mm", "ct_512", "mr_3mm", "ct_chest", "mr_brain"}
     for image, obj in config["objects"].items():
         assert obj["labels"]["final"]["info"]["name"] == f"{image}.nii.gz"
     assert sorted(p.name for p in (studies / "labels" / "final").iterdir()) == \
