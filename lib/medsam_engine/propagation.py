@@ -49,13 +49,11 @@ class PropagationRule:
     the previous slice's mask is kept. `seed` picks where one-box propagation starts: "middle" of
     the slice range, or "fill", the slice whose given-box mask fills the box best (box IoU of the
     mask's bounding box with the given box, times the predicted IoU). A direction stops at an empty
-    mask, at the range's end, or where the kept mask agrees less than `min_agreement` with the
-    previous one."""
+    mask or at the range's end."""
 
     margin_fraction: float = 0.1
     given_box_proposal: bool = True
     seed: str = "fill"
-    min_agreement: float = 0.0
 
     def margin(self, bound: Box) -> float:
         return max(2.0, self.margin_fraction * max(bound[2] - bound[0], bound[3] - bound[1]))
@@ -83,8 +81,6 @@ def _walk(decode: SliceDecoder, start_mask: np.ndarray, slices: range, bound: Bo
         proposals = [decoded[0]] + ([known[k]] if given is not None else [])
         scores = [dsc(_inside(m, bound), previous) for m, _ in proposals]
         best = int(np.argmax(scores))
-        if scores[best] < rule.min_agreement:
-            return
         masks[k], ious[k] = _inside(proposals[best][0], bound), proposals[best][1]
         previous = masks[k]
 
