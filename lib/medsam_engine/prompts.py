@@ -19,8 +19,8 @@ class SlicePrompt:
 
 @dataclass
 class Box3DPrompt:
-    """A box [x0, y0, x1, y1] spanning slices first..last (inclusive): segment the middle slice, then
-    propagate slice by slice, each next box taken from the previous mask."""
+    """A box [x0, y0, x1, y1] spanning slices first..last (inclusive): segmented on a seed slice,
+    then propagated slice by slice (see propagation.PropagationRule)."""
 
     box: Sequence[float]
     first: int
