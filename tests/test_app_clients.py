@@ -60,6 +60,8 @@ def test_slicer_3d_box_from_unsorted_roi(slicer):
     label = read_label(Path(result_file))
     assert reply["mode"] == "3d-box"
     assert reply["objects"][0]["slices"] == [first, last]
+    # every slice of the range decoded with the given box, then one or two boxes per walked slice
+    assert reply["objects"][0]["decoded_boxes"] >= (last - first + 1) + (last - first)
     assert np.count_nonzero(label[:first]) == 0 and np.count_nonzero(label[last + 1:]) == 0
     assert dice(label[first:last + 1] == 1, spleen[first:last + 1]) > 0.8
 

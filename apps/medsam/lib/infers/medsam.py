@@ -110,6 +110,7 @@ class MedSAMInfer(InferTask):
             "clipped": o.clipped,
             "zoomed_slices": o.zoomed_slices,
             "box_prior_slices": o.prior_slices,
+            "decoded_boxes": o.decoded_boxes,
         } for o in result.objects]
         name = str(request.get("label") or "medsam")
         return {
