@@ -36,7 +36,7 @@ def test_background_click_removes_the_false_part(lite_segmenter) -> None:
     box = (25.0, 44.0, 99.0, 84.0)
     before = Refinement(lite_segmenter, volume, 0, box).mask
     assert before[SMALL].mean() > 0.9, "precondition: the box alone takes the small disk"
-    after = refine(lite_segmenter, volume, 0, box, [Click(88, 64, False)])
+    after = refine(lite_segmenter, volume, 0, box, [Click(88, 64, False)]).mask
     assert after[SMALL].mean() < 0.05
     assert after[BIG].mean() > 0.95
     assert dice(after, BIG) > dice(before, BIG) + 0.1
@@ -49,7 +49,7 @@ def test_foreground_click_adds_the_missed_part(lite_segmenter) -> None:
     box = (27.0, 46.0, 63.0, 82.0)
     before = Refinement(lite_segmenter, volume, 0, box).mask
     assert before[SMALL].mean() < 0.05, "precondition: the box alone misses the small disk"
-    after = refine(lite_segmenter, volume, 0, box, clicks_from([(88, 64)], []))
+    after = refine(lite_segmenter, volume, 0, box, clicks_from([(88, 64)], [])).mask
     assert after[SMALL].mean() > 0.9
     assert after[BIG].mean() > 0.95
     assert (after & ~(BIG | SMALL)).sum() < 0.1 * (BIG | SMALL).sum()

@@ -48,19 +48,23 @@ class Refinement:
     """One object's mask on slice `k` of `volume`, from its box, corrected click by click (`add`)."""
 
     def __init__(self, seg, volume: Volume, k: int, box: Box, modality: str | None = None,
-                 window: object = None, method: str = "rules", grow: float = 0.25) -> None:
+                 window: object = None, method: str = "rules", grow: float = 0.25, tally=None) -> None:
         if method not in METHODS:
             raise EngineInputError(f"unknown refinement {method!r}; use one of {', '.join(METHODS)}")
         self.seg, self.volume, self.k, self.box = seg, volume, k, box
-        self.method, self.grow = method, grow
+        self.method, self.grow, self.tally = method, grow, tally
         self.norm = seg.normaliser(volume, seg.modality_of(volume, modality), window, box, k)
         self.clicks: list[Click] = []
-        self.mask = self._segment(box, tight=True)
+        self.base = self._decode(box, tight=True)  # the box's own SliceMasks (iou, zoomed, prior)
+        self.mask = self.base.masks[0]
 
-    def _segment(self, box: Box, tight: bool = False, clicks: Sequence[Click] = ()) -> np.ndarray:
+    def _decode(self, box: Box, tight: bool = False, clicks: Sequence[Click] = ()):
         points = [([(c.x, c.y) for c in clicks if c.positive], [(c.x, c.y) for c in clicks if not c.positive])]
         return self.seg.segment_boxes(self.volume, self.k, [box], self.norm, points if clicks else None,
-                                      tight=tight).masks[0]
+                                      tally=self.tally, tight=tight)
+
+    def _segment(self, box: Box, tight: bool = False, clicks: Sequence[Click] = ()) -> np.ndarray:
+        return self._decode(box, tight, clicks).masks[0]
 
     def add(self, click: Click) -> np.ndarray:
         """Apply one click; returns the corrected mask (also kept as `self.mask`)."""
@@ -111,9 +115,10 @@ def clicks_from(foreground: Iterable[Sequence[float]], background: Iterable[Sequ
 
 
 def refine(seg, volume: Volume, k: int, box: Box, clicks: Iterable[Click], modality: str | None = None,
-           window: object = None, method: str = "rules") -> np.ndarray:
-    """The mask of `box` on slice `k`, corrected by `clicks` in order (boolean (H, W))."""
-    run = Refinement(seg, volume, k, box, modality, window, method)
+           window: object = None, method: str = "rules", tally=None) -> Refinement:
+    """`box`'s mask on slice `k`, corrected by `clicks` in order: the Refinement, whose `mask` is the
+    result (boolean (H, W)) and `base` the box's own SliceMasks."""
+    run = Refinement(seg, volume, k, box, modality, window, method, tally=tally)
     for click in clicks:
         run.add(click)
-    return run.mask
+    return run
