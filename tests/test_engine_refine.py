@@ -67,3 +67,44 @@ def test_clicks_that_agree_with_the_mask_change_nothing(lite_segmenter) -> None:
 def test_unknown_method_is_an_input_error(lite_segmenter) -> None:
     with pytest.raises(EngineInputError, match="unknown refinement"):
         Refinement(lite_segmenter, two_disks("refine-bad"), 0, (25.0, 44.0, 99.0, 84.0), method="magic")
+
+
+def test_interactive_eval_writes_curves_noc_and_loose_tables(tmp_path) -> None:
+    """`evaluate_interactive` on a two-slice datastore: one row per object, loose level and refinement,
+    curves of 1 + N DSCs, NoC within 0..N, summaries that agree with the CSV, and the plots."""
+    import csv
+    import json
+
+    import SimpleITK as sitk
+
+    from medsam_engine.evaluate_interactive import evaluate_interactive
+
+    root = tmp_path / "store"
+    (root / "labels" / "final").mkdir(parents=True)
+    image = np.stack([np.asarray(two_disks("unused").array[0]), np.asarray(two_disks("unused").array[0]).T])
+    label = np.stack([BIG.astype(np.uint8) + 2 * SMALL, (BIG.astype(np.uint8) + 2 * SMALL).T])
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(root / "disks.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(root / "labels" / "final" / "disks.nii.gz"))
+    (root / "labels.json").write_text(json.dumps({"disks": {"1": "big", "2": "small"}}))
+
+    summary = evaluate_interactive(root, tmp_path / "clicks", loose=(0, 25), clicks=2, refine=("rules", "points"),
+                                   device="cpu")
+    with open(tmp_path / "clicks" / "per_case.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 * 2 * 2  # 4 objects x 2 loose levels x 2 refinements
+    assert {r["name"] for r in rows} == {"big", "small"}
+    for row in rows:
+        assert 0 <= int(row["noc85"]) <= int(row["noc90"]) <= 2
+    assert set(summary["click_runs"]) == {"rules, loose 0%", "rules, loose 25%", "points, loose 0%", "points, loose 25%"}
+    run = summary["click_runs"]["rules, loose 0%"]
+    assert run["overall"]["n"] == 4 and len(run["overall"]["dsc_mean"]) == 3
+    chosen = [r for r in rows if r["refine"] == "rules" and r["loose"] == "0"]
+    assert run["overall"]["dsc_mean"][2] == pytest.approx(np.mean([float(r["dsc_click2"]) for r in chosen]), abs=1e-3)
+    assert (tmp_path / "clicks" / "dsc_per_click.png").read_bytes()[:4] == b"\x89PNG"
+
+    summary = evaluate_interactive(root, tmp_path / "loose", loose=(0, 10, 25), device="cpu")
+    assert list(summary["loose_runs"]) == ["0", "10", "25"]
+    assert all(run["overall"]["model"]["n"] == 4 for run in summary["loose_runs"].values())
+    tight, loosest = summary["loose_runs"]["0"], summary["loose_runs"]["25"]
+    assert loosest["overall"]["box"]["dsc_mean"] < tight["overall"]["box"]["dsc_mean"]  # looser boxes, worse filled box
+    assert (tmp_path / "loose" / "dsc_boxplot.png").is_file()
