@@ -36,7 +36,7 @@ def loose_tables(summary: dict, min_n: int) -> None:
         print("|---" * (3 + len(levels)) + "|")
         names = ["overall"] if section == "overall" else list(runs[levels[0]][section])
         for name in names:
-            stats = [runs[p] if section == "overall" else runs[p][section].get(name) for p in levels]
+            stats = [runs[p]["overall"] if section == "overall" else runs[p][section].get(name) for p in levels]
             if stats[0]["model"]["n"] < min_n:
                 continue
             cells = [f"{s['model']['dsc_median']:.3f} ({s['model']['dsc_mean']:.3f})" for s in stats]
