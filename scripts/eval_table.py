@@ -2,6 +2,9 @@
 
     python scripts/eval_table.py out/eval-2d/summary.json [--compare out/eval-2d-plain/summary.json]
         [--compare-name "DSC plain"] [--min-n 5]
+
+Summaries of `--loose` runs print the loose levels side by side; of `--clicks` runs, mean DSC after
+each click and NoC@85 / NoC@90 per image and organ.
 """
 
 from __future__ import annotations
@@ -23,6 +26,45 @@ def row(name: str, stats: dict, extra: dict | None = None) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def loose_tables(summary: dict, min_n: int) -> None:
+    """DSC median (mean) per image and organ, one column per loose level."""
+    runs = summary["loose_runs"]
+    levels = list(runs)
+    heads = " | ".join("tight" if float(p) == 0 else f"loose {p} %" for p in levels)
+    for section in ("overall", "per_image", "per_organ"):
+        print(f"| {section.replace('per_', '')} | n | {heads} | filled box ({levels[-1]} %) |")
+        print("|---" * (3 + len(levels)) + "|")
+        names = ["overall"] if section == "overall" else list(runs[levels[0]][section])
+        for name in names:
+            stats = [runs[p]["overall"] if section == "overall" else runs[p][section].get(name) for p in levels]
+            if stats[0]["model"]["n"] < min_n:
+                continue
+            cells = [f"{s['model']['dsc_median']:.3f} ({s['model']['dsc_mean']:.3f})" for s in stats]
+            print(f"| {name} | {stats[0]['model']['n']} | " + " | ".join(cells) +
+                  f" | {stats[-1]['box']['dsc_median']:.3f} |")
+        print()
+
+
+def click_tables(summary: dict, min_n: int) -> None:
+    """Mean DSC after 0..N clicks and NoC per image and organ, one table per refinement run."""
+    clicks = summary["clicks"]
+    for run_name, run in summary["click_runs"].items():
+        print(f"**{run_name}**\n")
+        print("| group | n | " + " | ".join(f"DSC {i}" for i in range(clicks + 1)) +
+              " | NoC@85 | NoC@90 | never 90 |")
+        print("|---" * (clicks + 6) + "|")
+        groups = [("overall", run["overall"])]
+        if run["start_below_0.8"]:
+            groups.append(("box DSC < 0.8", run["start_below_0.8"]))
+        groups += list(run["per_image"].items()) + list(run["per_organ"].items())
+        for name, stats in groups:
+            if stats["n"] < min_n:
+                continue
+            print(f"| {name} | {stats['n']} | " + " | ".join(f"{v:.3f}" for v in stats["dsc_mean"]) +
+                  f" | {stats['noc85_mean']:.2f} | {stats['noc90_mean']:.2f} | {stats['noc90_failed']:.0%} |")
+        print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("summary", type=Path)
@@ -31,6 +73,10 @@ def main() -> None:
     parser.add_argument("--min-n", type=int, default=5, help="organs with fewer cases are left out")
     args = parser.parse_args()
     summary = json.loads(args.summary.read_text())
+    if summary.get("click_runs"):
+        return click_tables(summary, args.min_n)
+    if summary.get("loose_runs"):
+        return loose_tables(summary, args.min_n)
     other = json.loads(args.compare.read_text()) if args.compare else None
     extra_head = f" {args.compare_name} |" if other else ""
     print(f"model {summary['model']}, mode {summary['mode']}, jitter {summary['jitter']}\n")

@@ -1,0 +1,197 @@
+"""`main.py eval --loose PCT ... --clicks N`: 2D eval as an annotator works: loose boxes, then
+simulated corrective clicks (DSC after each click, NoC@85 / NoC@90)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .clicks import clicks_needed, loose_box, next_click
+from .datastore import label_names, list_cases
+from .errors import EngineInputError
+from .evaluate import _read_case, box_plot, filled_box, summarise
+from .geometry import Box, Fit, mask_box
+from .imageio import Volume
+from .metrics import dsc, nsd
+from .models import load_model
+from .prior import BoxPrior
+from .refine import METHODS, Refinement
+from .segmenter import Segmenter
+from .zoom import ZoomRule
+
+THRESHOLDS = (0.85, 0.90)
+BASE_COLUMNS = ["image", "label", "slice", "name", "loose", "refine", "dsc", "nsd", "box_dsc", "box_nsd",
+                "box_side_model_px"]
+
+
+def _objects_2d(label: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, Box]]:
+    """(slice, label value, mask, exact box) of every object on every slice whose box has area."""
+    for k in range(label.shape[0]):
+        for value in np.unique(label[k]):
+            if value == 0:
+                continue
+            gt = label[k] == value
+            box = mask_box(gt)
+            if box is not None and box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+                yield k, int(value), gt, box
+
+
+def click_curve(run: Refinement, gt: np.ndarray, clicks: int) -> list[float]:
+    """DSC of the box's mask, then after each simulated corrective click (stops early when exact)."""
+    curve = [dsc(run.mask, gt)]
+    for _ in range(clicks):
+        click = next_click(run.mask, gt)
+        curve.append(dsc(run.add(click), gt) if click is not None else curve[-1])
+    return curve
+
+
+def _eval_case(seg: Segmenter, volume: Volume, label: np.ndarray, image: str, loose: Sequence[float],
+               clicks: int, methods: Sequence[str], seed: int, every: int = 1) -> Iterator[dict]:
+    height, width = volume.slice_shape
+    fit = Fit(height, width, seg.model.geometry)
+    rngs = {pct: np.random.default_rng([seed, int(round(pct * 100))]) for pct in loose}
+    for index, (k, value, gt, tight) in enumerate(_objects_2d(label)):
+        if index % every:
+            continue
+        for pct in loose:
+            box = loose_box(tight, pct, rngs[pct], height, width)
+            base = filled_box(gt.shape, box)
+            side = max((box[2] - box[0] + 1) * fit.scale[1], (box[3] - box[1] + 1) * fit.scale[0])
+            row = {"image": image, "label": value, "slice": k, "loose": pct, "box_dsc": dsc(base, gt),
+                   "box_nsd": nsd(base, gt), "box_side_model_px": round(side, 1)}
+            for method in methods if clicks else ("",):
+                run = Refinement(seg, volume, k, box, method=method or "rules")
+                curve = click_curve(run, gt, clicks)
+                yield {**row, "refine": method, "dsc": curve[0], "nsd": nsd(run.mask, gt) if not clicks else "",
+                       "curve": curve}
+
+
+def curve_stats(rows: list[dict]) -> dict:
+    """Mean and median DSC after 0..N clicks, and mean NoC@85/@90 with the share never reaching it."""
+    curves = np.array([r["curve"] for r in rows], dtype=float)
+    stats = {"n": len(rows), "dsc_mean": [round(float(v), 4) for v in curves.mean(axis=0)],
+             "dsc_median": [round(float(v), 4) for v in np.median(curves, axis=0)]}
+    for t in THRESHOLDS:
+        noc = np.array([clicks_needed(list(c), t) for c in curves])
+        stats[f"noc{int(t * 100)}_mean"] = round(float(noc.mean()), 3)
+        stats[f"noc{int(t * 100)}_failed"] = round(float(np.mean(curves.max(axis=1) < t)), 3)
+    return stats
+
+
+def summarise_clicks(rows: list[dict]) -> dict:
+    """Click curves and NoC overall, per image, per organ, and on the objects whose box mask starts below 0.8."""
+    def grouped(key) -> dict:
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            groups[key(row)].append(row)
+        return {name: curve_stats(subset) for name, subset in sorted(groups.items())}
+
+    low = [r for r in rows if r["curve"][0] < 0.8]
+    return {"overall": curve_stats(rows), "start_below_0.8": curve_stats(low) if low else None,
+            "per_image": grouped(lambda r: r["image"]), "per_organ": grouped(lambda r: f"{r['image']}/{r['name']}")}
+
+
+def curve_plot(summary: dict, path: Path) -> None:
+    """Mean DSC against the number of clicks after the box, one line per refinement and image."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, run in summary["click_runs"].items():
+        line = ax.plot(run["overall"]["dsc_mean"], marker="o", lw=2, label=f"{name} (all)")[0]
+        for image, stats in run["per_image"].items():
+            ax.plot(stats["dsc_mean"], ls=":", color=line.get_color(), alpha=0.6)
+            ax.annotate(image, (len(stats["dsc_mean"]) - 1, stats["dsc_mean"][-1]), fontsize=7,
+                        color=line.get_color())
+    ax.set_xlabel("corrective clicks after the box")
+    ax.set_ylabel("mean DSC")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _write_csv(rows: list[dict], clicks: int, path: Path) -> None:
+    columns = BASE_COLUMNS + [f"dsc_click{i}" for i in range(1, clicks + 1)] + \
+        ([f"noc{int(t * 100)}" for t in THRESHOLDS] if clicks else [])
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            cells = {c: (f"{v:.4f}" if isinstance(v, float) and c not in ("box_side_model_px", "loose") else v)
+                     for c, v in row.items()}
+            cells.update({f"dsc_click{i}": f"{v:.4f}" for i, v in enumerate(row["curve"][1:], 1)})
+            if clicks:
+                cells.update({f"noc{int(t * 100)}": clicks_needed(row["curve"], t) for t in THRESHOLDS})
+            writer.writerow(cells)
+    tmp.replace(path)
+
+
+def evaluate_interactive(datastore: str | Path, out: str | Path, loose: Sequence[float] = (0.0,), clicks: int = 0,
+                         refine: Sequence[str] = ("rules",), model: str = "medsam-lite", checkpoint: str | None = None,
+                         device: str | None = None, zoom: bool = True, prior: bool = True, limit: int | None = None,
+                         seed: int = 0, images: Sequence[str] | None = None, every: int = 1) -> dict:
+    """2D eval with boxes loosened by each of `loose` (%), then `clicks` simulated corrective clicks with
+    each refinement in `refine`; writes per_case.csv, summary.json, dsc_boxplot.png (and
+    dsc_per_click.png with clicks) in `out`. `images` keeps only those image ids, `every` only every
+    n-th object of an image (for quick runs). Embeddings are shared across loose levels and refinements."""
+    if clicks < 0 or any(p < 0 for p in loose):
+        raise EngineInputError("--clicks and --loose must not be negative")
+    unknown = [m for m in refine if m not in METHODS]
+    if unknown:
+        raise EngineInputError(f"unknown refinement {unknown[0]!r}; use one of {', '.join(METHODS)}")
+    cases = [c for c in list_cases(datastore) if not images or c.image_id in images][:limit]
+    if not cases:
+        raise EngineInputError(f"no labelled images in {datastore}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seg = Segmenter(load_model(model, checkpoint, device), zoom=ZoomRule() if zoom else None,
+                    prior=BoxPrior() if prior else None)
+    names = label_names(datastore)
+    rows: list[dict] = []
+    for case in cases:
+        volume, label = _read_case(case)
+        for row in _eval_case(seg, volume, label, case.image_id, list(loose), clicks, list(refine), seed,
+                              every):
+            row["name"] = names.get(case.image_id, {}).get(row["label"], str(row["label"]))
+            rows.append(row)
+        print(f"{case.image_id}: {sum(r['image'] == case.image_id for r in rows)} rows", flush=True)
+    if not rows:
+        raise EngineInputError(f"no objects to evaluate in {datastore}")
+    _write_csv(rows, clicks, out / "per_case.csv")
+    first = refine[0] if clicks else ""
+    summary: dict = {"model": seg.model.version, "mode": "2d", "loose": list(loose), "clicks": clicks,
+                     "refine": list(refine) if clicks else [], "seed": seed, "every": every,
+                     "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
+                     "loose_runs": {}, "click_runs": {}}
+    for pct in loose:
+        at = [r for r in rows if r["loose"] == pct and r["refine"] == first]
+        if not clicks:
+            summary["loose_runs"][f"{pct:g}"] = summarise(at)
+        else:
+            for method in refine:
+                summary["click_runs"][f"{method}, loose {pct:g}%"] = summarise_clicks(
+                    [r for r in rows if r["loose"] == pct and r["refine"] == method])
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / "summary.json")
+    if clicks:
+        curve_plot(summary, out / "dsc_per_click.png")
+        for name, run in summary["click_runs"].items():
+            o = run["overall"]
+            print(f"{name}: mean DSC per click {o['dsc_mean']}, NoC@85 {o['noc85_mean']}, NoC@90 {o['noc90_mean']}")
+    else:
+        box_plot([r for r in rows if r["loose"] == loose[-1]], out / "dsc_boxplot.png")
+        for pct, run in summary["loose_runs"].items():
+            print(f"loose {pct}%: DSC median {run['overall']['model']['dsc_median']:.3f} mean "
+                  f"{run['overall']['model']['dsc_mean']:.3f} (filled box {run['overall']['box']['dsc_median']:.3f}), "
+                  f"n={run['overall']['model']['n']}")
+    return summary
