@@ -25,6 +25,16 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.loose or args.clicks:
+        from medsam_engine.evaluate_interactive import evaluate_interactive
+
+        if args.mode != "2d":
+            sys.exit("--loose and --clicks evaluate 2d boxes: use --mode 2d")
+        evaluate_interactive(args.datastore, args.out, loose=args.loose or [0.0], clicks=args.clicks,
+                             refine=args.refine, model=args.model, checkpoint=args.checkpoint, device=args.device,
+                             zoom=not args.no_zoom, prior=not args.no_prior, limit=args.limit, every=args.every,
+                             images=args.images)
+        return
     from medsam_engine.evaluate import evaluate
 
     evaluate(args.datastore, args.out, mode=args.mode, jitter=args.jitter, model=args.model,
@@ -103,6 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-zoom", action="store_true", help="disable crop-and-zoom for small boxes")
     p.add_argument("--no-prior", action="store_true", help="disable the small-box prior (inscribed ellipse)")
     p.add_argument("--limit", type=int, help="evaluate at most this many images")
+    p.add_argument("--loose", type=float, nargs="+", metavar="PCT",
+                   help="2d: move each box edge outwards by 0..PCT %% of the box side (seeded); several levels "
+                        "are evaluated side by side, e.g. --loose 0 10 25")
+    p.add_argument("--clicks", type=int, default=0, metavar="N",
+                   help="2d: up to N simulated corrective clicks after the box (DSC per click, NoC@85/@90)")
+    p.add_argument("--refine", nargs="+", choices=("rules", "points"), default=["rules"],
+                   help="click refinement(s) compared by --clicks (rules: box prompts only; points: SAM point prompts)")
+    p.add_argument("--every", type=int, default=1, help="--loose/--clicks: only every n-th object (quick runs)")
+    p.add_argument("--images", nargs="+", help="--loose/--clicks: only these image ids")
     _model_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -19,6 +19,7 @@ from .preprocess import (KeepRGB, Normaliser, PercentileClip, auto_window, box_c
                          parse_window, percentile_clip)
 from .prompts import Box3DPrompt, KeySlicesPrompt, Prompt, SlicePrompt
 from .prior import BoxPrior
+from .refine import clicks_from, refine
 from .propagation import PropagationRule, interpolate_boxes, propagate
 from .zoom import Crop, ZoomRule
 
@@ -236,11 +237,12 @@ class Segmenter:
         if isinstance(prompt, SlicePrompt):
             k = _check_slice(prompt.slice, volume)
             box, clipped = check_box(prompt.box, height, width)
-            norm = self.normaliser(volume, modality, window, box, k)
-            clicks = [(_check_clicks(prompt.foreground, height, width), _check_clicks(prompt.background, height, width))]
-            res = self.segment_boxes(volume, k, [box], norm, clicks, tally, tight=True)
-            out[k][res.masks[0]] = prompt.label
-            return ObjectResult(prompt.label, 0, 0.0, [k], {k: res.iou[0]}, norm.id, clipped, res.zoomed, res.prior)
+            clicks = clicks_from(_check_clicks(prompt.foreground, height, width),
+                                 _check_clicks(prompt.background, height, width))
+            run = refine(self, volume, k, box, clicks, modality, window, tally=tally)
+            out[k][run.mask] = prompt.label
+            res = run.base
+            return ObjectResult(prompt.label, 0, 0.0, [k], {k: res.iou[0]}, run.norm.id, clipped, res.zoomed, res.prior)
         if isinstance(prompt, Box3DPrompt):
             first, last = sorted((_check_slice(prompt.first, volume), _check_slice(prompt.last, volume)))
             box, clipped = check_box(prompt.box, height, width)
