@@ -122,12 +122,14 @@ def _put_label(url: str, data: bytes, timeout: float = 120) -> requests.Response
 
 
 def _check_datastore(url: str, studies: Path) -> dict:
-    """The datastore JSON parses, lists every sample image with its final label under its own
-    name, and no temporary file is left anywhere in the folder."""
+    """The datastore JSON parses, lists every sample image and each labelled one's final label under
+    its own name, and no temporary file is left anywhere in the folder."""
     config = json.loads((studies / "datastore_v2.json").read_text())
     listing = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
     assert set(listing["objects"]) == {"ct_3mm", "ct_512", "mr_3mm", "ct_chest", "mr_brain"}
-    for image, obj in config["objects"].items():
+    labelled = {image: obj for image, obj in config["objects"].items() if "final" in obj["labels"]}
+    assert set(labelled) == {"ct_3mm", "ct_512", "mr_3mm"}
+    for image, obj in labelled.items():
         assert obj["labels"]["final"]["info"]["name"] == f"{image}.nii.gz"
     assert sorted(p.name for p in (studies / "labels" / "final").iterdir()) == \
         ["ct_3mm.nii.gz", "ct_512.nii.gz", "mr_3mm.nii.gz"]
