@@ -43,19 +43,18 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def default_encoder(device: torch.device) -> str:
-    """bf16 autocast on a GPU; on a CPU, OpenVINO in bf16 where the CPU has bf16 instructions, else
-    OpenVINO fp32 (figures in the README's "Bench")."""
+    """bf16 autocast on a GPU; on a CPU, OpenVINO in fp32 (0.24x of fp32 eager in two bench runs,
+    the fp32 masks; its bf16 was slower there and moved masks: figures in the README's "Bench")."""
     if device.type == "cuda":
         return "bf16-eager" if bf16_supported(device) else "fp32-eager"
-    return "ov-bf16" if bf16_supported(device) else "ov-fp32"
+    return "ov-fp32"
 
 
 class SamModel:
     """A SAM-style network (image encoder, prompt encoder, mask decoder) with its identity.
 
     `encoder` is how the image encoder runs, one of `encoders.ENCODERS` (default: env
-    MEDSAM_ENCODER, else `default_encoder`: OpenVINO bf16 on a CPU with bf16 instructions,
-    bf16 autocast on a GPU; see encoders.py and the README's "Bench"). The backend is made at the
+    MEDSAM_ENCODER, else `default_encoder`: OpenVINO fp32 on a CPU, bf16 autocast on a GPU; see encoders.py and the README's "Bench"). The backend is made at the
     first encode (or first look at `encoder_variant`); one that cannot be had falls back to the
     fp32 trace, and `encoder_variant` then names the fallback. The decoder always runs in fp32 torch.
     Converted graphs are kept in `encoder_cache` (default `encoders.encoder_cache_dir()`).
