@@ -202,18 +202,24 @@ def box_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: float = 0.0,
-             model: str = "medsam-lite", checkpoint: str | None = None, device: str | None = None,
-             zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0, keys: int = 3) -> dict:
-    """Evaluate every labelled image; writes per_case.csv, summary.json and dsc_boxplot.png in `out`."""
-    cases = list_cases(datastore)[:limit]
+def eval_setup(datastore: str | Path, out: str | Path, cases: list[Case], model: str, checkpoint: str | None,
+               device: str | None, zoom: bool, prior: bool) -> tuple[Path, Segmenter, dict]:
+    """The output folder (made), the segmenter and the label names of an eval run over `cases`."""
     if not cases:
         raise EngineInputError(f"no labelled images in {datastore}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seg = Segmenter(load_model(model, checkpoint, device), zoom=ZoomRule() if zoom else None,
                     prior=BoxPrior() if prior else None)
-    names = label_names(datastore)
+    return out, seg, label_names(datastore)
+
+
+def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: float = 0.0,
+             model: str = "medsam-lite", checkpoint: str | None = None, device: str | None = None,
+             zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0, keys: int = 3) -> dict:
+    """Evaluate every labelled image; writes per_case.csv, summary.json and dsc_boxplot.png in `out`."""
+    cases = list_cases(datastore)[:limit]
+    out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior)
     rng = np.random.default_rng(seed)
     runs = {"2d": _eval_2d, "3d": _eval_3d, "3d-keys": partial(_eval_3d_keys, keys=keys)}
     if mode not in runs:

@@ -12,17 +12,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .clicks import clicks_needed, loose_box, next_click
-from .datastore import label_names, list_cases
+from .datastore import list_cases
 from .errors import EngineInputError
-from .evaluate import _read_case, box_plot, filled_box, summarise
+from .evaluate import _read_case, box_plot, eval_setup, filled_box, summarise
 from .geometry import Box, Fit, mask_box
 from .imageio import Volume
 from .metrics import dsc, nsd
-from .models import load_model
-from .prior import BoxPrior
 from .refine import METHODS, Refinement
 from .segmenter import Segmenter
-from .zoom import ZoomRule
 
 THRESHOLDS = (0.85, 0.90)
 BASE_COLUMNS = ["image", "label", "slice", "name", "loose", "refine", "dsc", "nsd", "box_dsc", "box_nsd",
@@ -149,13 +146,7 @@ def evaluate_interactive(datastore: str | Path, out: str | Path, loose: Sequence
     if unknown:
         raise EngineInputError(f"unknown refinement {unknown[0]!r}; use one of {', '.join(METHODS)}")
     cases = [c for c in list_cases(datastore) if not images or c.image_id in images][:limit]
-    if not cases:
-        raise EngineInputError(f"no labelled images in {datastore}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seg = Segmenter(load_model(model, checkpoint, device), zoom=ZoomRule() if zoom else None,
-                    prior=BoxPrior() if prior else None)
-    names = label_names(datastore)
+    out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior)
     rows: list[dict] = []
     for case in cases:
         volume, label = _read_case(case)

@@ -20,7 +20,7 @@ from .preprocess import (KeepRGB, Normaliser, PercentileClip, auto_window, box_c
 from .prompts import Box3DPrompt, KeySlicesPrompt, Prompt, SlicePrompt
 from .prior import BoxPrior
 from .refine import clicks_from, refine
-from .propagation import PropagationRule, interpolate_boxes, propagate
+from .propagation import PropagationRule, SliceDecoder, interpolate_boxes, propagate
 from .zoom import Crop, ZoomRule
 
 
@@ -270,19 +270,16 @@ class Segmenter:
         return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"],
                             decoded_boxes=state["decoded"])
 
-    def _slice_decoder(self, volume: Volume, norm: Normaliser, tally: _Tally
-                       ) -> tuple[Callable[[int, Sequence[Box], bool], list[tuple[np.ndarray, float]]], dict[str, int]]:
-        """The per-slice decoder that 3D propagation calls (boxes kept inside the slice), and its counts."""
-        height, width = volume.slice_shape
+    def _slice_decoder(self, volume: Volume, norm: Normaliser, tally: _Tally) -> tuple[SliceDecoder, dict[str, int]]:
+        """The per-slice decoder that 3D propagation calls, and its counts."""
         state = {"zoomed": 0, "decoded": 0}
 
         def decode(k: int, boxes: Sequence[Box], tight: bool) -> list[tuple[np.ndarray, float]]:
-            inside = [(max(0.0, b[0]), max(0.0, b[1]), min(b[2], width - 1.0), min(b[3], height - 1.0)) for b in boxes]
-            res = self.segment_boxes(volume, k, inside, norm, None, tally, tight=tight)
+            res = self.segment_boxes(volume, k, list(boxes), norm, None, tally, tight=tight)
             state["zoomed"] += res.zoomed
-            state["decoded"] += len(inside)
+            state["decoded"] += len(boxes)
             masks = res.masks
-            return [(masks[i], res.iou[i]) for i in range(len(inside))]
+            return [(masks[i], res.iou[i]) for i in range(len(boxes))]
 
         return decode, state
 
