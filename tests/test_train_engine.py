@@ -311,13 +311,15 @@ def test_collectives_sum_over_ranks_on_the_groups_device(tmp_path: Path):
         "r = dist.get_rank()\n"
         "out = all_reduce_sum(torch.tensor([r + 1.0, 1.0]), torch.device('cpu'))\n"
         "assert collective_device(torch.device('cpu')).type == 'cpu'\n"
-        "print('SUM', r, out.tolist(), out.device)\n"
+        "import sys, pathlib\n"
+        "pathlib.Path(sys.argv[1], f'rank{r}.txt').write_text(f'SUM {r} {out.tolist()} {out.device}')\n"
         "dist.destroy_process_group()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "lib")}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], env=env, capture_output=True, text=True, timeout=300)
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("SUM"))
+    # one file per rank: the two processes' stdout writes interleave
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert lines == ["SUM 0 [3.0, 2.0] cpu", "SUM 1 [3.0, 2.0] cpu"]
 
 
