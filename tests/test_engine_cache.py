@@ -149,6 +149,62 @@ def test_a_failed_compute_is_not_cached_and_can_be_retried() -> None:
     assert not hit and float(value[0]) == 1.0
 
 
+def test_compute_missing_computes_only_absent_keys_in_one_call() -> None:
+    cache = EmbeddingCache(max_bytes=100 * KB)
+    cache.put("a", _tensor(1))
+    calls: list[list] = []
+
+    def compute(keys: list) -> list[torch.Tensor]:
+        calls.append(keys)
+        return [_tensor(ord(k)) for k in keys]
+
+    assert cache.compute_missing(["a", "b", "c", "b"], compute) == 2
+    assert calls == [["b", "c"]] and float(cache.get("c")[0]) == ord("c") and float(cache.get("a")[0]) == 1
+    assert cache.compute_missing(["a", "b"], compute) == 0 and len(calls) == 1
+    assert cache.stats.misses == 2
+
+
+def test_get_or_compute_waits_for_a_batch_computing_its_key() -> None:
+    """A key claimed by compute_missing is not computed again by a concurrent get_or_compute, and
+    a key already being computed elsewhere is left out of the batch."""
+    cache = EmbeddingCache(max_bytes=100 * KB)
+    started, batch_keys = threading.Event(), []
+
+    def slow_batch(keys: list) -> list[torch.Tensor]:
+        batch_keys.extend(keys)
+        started.set()
+        time.sleep(0.3)
+        return [_tensor(5) for _ in keys]
+
+    batch = threading.Thread(target=cache.compute_missing, args=(["x", "y"], slow_batch))
+    batch.start()
+    started.wait(5)
+    value, hit = cache.get_or_compute("x", lambda: _tensor(-1))  # waits for the batch's value
+    batch.join(5)
+    assert float(value[0]) == 5 and hit and batch_keys == ["x", "y"]
+
+    release = threading.Event()
+    single = threading.Thread(target=cache.get_or_compute, args=("z", lambda: release.wait(5) and _tensor(9)))
+    single.start()
+    time.sleep(0.1)  # "z" is now being computed by the other thread
+    assert cache.compute_missing(["z", "w"], lambda keys: [_tensor(3) for _ in keys]) == 1
+    release.set()
+    single.join(5)
+    assert float(cache.get("z")[0]) == 9 and float(cache.get("w")[0]) == 3
+
+
+def test_a_failed_batch_stores_nothing_and_frees_its_keys() -> None:
+    cache = EmbeddingCache(max_bytes=10 * KB)
+
+    def boom(keys: list) -> list[torch.Tensor]:
+        raise RuntimeError("encoder failed")
+
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        cache.compute_missing(["k"], boom)
+    assert "k" not in cache
+    assert cache.compute_missing(["k"], lambda keys: [_tensor(2)]) == 1
+
+
 # ---- the segmenter's use of the cache ------------------------------------------------------
 def _disc_volume(key: str) -> object:
     rng = np.random.default_rng(1)

@@ -202,3 +202,29 @@ def test_old_graphs_of_a_model_are_pruned(tmp_path: Path) -> None:
     assert [p.name.split("_")[0] for p in removed] == ["medsam-lite-aaa"]
     assert sorted(p.name.split("_")[0] for p in tmp_path.iterdir()) == [
         "medsam-lite-bbb", "medsam-lite-bbb", "medsam-lite-ccc", "medsam-lite-ccc", "tiny-vit-ddd", "tiny-vit-ddd"]
+
+
+@pytest.mark.parametrize("name", ["ov-fp32", "fp32-traced"])
+def test_encode_many_gives_each_inputs_own_embedding_in_order(lite: SamModel, ct_slice, name: str) -> None:
+    _, image = _model_input(lite, ct_slice)
+    images = [image, image * 0.5, image.flip(-1)]
+    one_by_one = [_embedding(lite, name, x) for x in images]
+    together = lite.encode_many(images)
+    assert len(together) == 3
+    for got, want in zip(together, one_by_one):
+        assert (got.float() - want).abs().max() < 1e-4
+    assert not torch.allclose(together[0], together[1]) and not torch.allclose(together[0], together[2])
+
+
+def test_openvino_encode_many_runs_concurrent_streams(lite: SamModel, ct_slice, encoder_cache: Path) -> None:
+    """With two threads, encode_many runs on the THROUGHPUT compilation (two one-thread streams) and
+    still gives the latency compilation's embeddings."""
+    from medsam_engine.encoders import OpenVinoEncoder
+
+    _, image = _model_input(lite, ct_slice)
+    encoder = OpenVinoEncoder(lite.net.image_encoder, lite.version, tuple(image.shape), "fp32", encoder_cache, threads=2)
+    images = [image * s for s in (1.0, 0.8, 0.6, 0.4)]
+    together = encoder.encode_many(images)
+    assert encoder._throughput is not None and encoder._throughput.get_property("NUM_STREAMS") >= 2
+    for got, x in zip(together, images):
+        assert (got - encoder(x)).abs().max() < 1e-4

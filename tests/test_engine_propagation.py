@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from engine_helpers import dice, make_volume
 from medsam_engine import Box3DPrompt, KeySlicesPrompt, Segmenter
@@ -143,6 +144,38 @@ def test_fill_seed_avoids_a_misleading_middle_slice() -> None:
         np.testing.assert_array_equal(masks[k], truth[k], err_msg=f"slice {k}")
 
 
+class LargestBlobDecoder(ThresholdDecoder):
+    """A decoder that, like a box-prompted model, answers the dominant structure in each box: the
+    largest connected bright region inside it."""
+
+    def __call__(self, k: int, boxes, tight: bool) -> list[tuple[np.ndarray, float]]:
+        out = []
+        for mask, iou in super().__call__(k, boxes, tight):
+            parts, n = ndimage.label(mask)
+            if n:
+                mask = parts == 1 + int(np.argmax(ndimage.sum(mask, parts, range(1, n + 1))))
+            out.append((mask, iou))
+        return out
+
+
+def test_agreement_with_the_previous_slice_stops_a_jump_to_a_bigger_structure() -> None:
+    """The cone of _cone_with_a_distractor without it, and on its small end slices 4-6 a bigger
+    block in a corner of the 3D box: there the given box's own mask is the block, and the walk
+    keeps the cone (the proposal that agrees with the slice before)."""
+    truth, volume, box = _cone_with_a_distractor()
+    volume[10] = truth[10]
+    block = np.zeros_like(truth)
+    block[4:7, 19:26, 27:35] = True  # 56 px: more than the cone's 9, 25, 49 there
+    volume[block] = 1.0
+    decode = LargestBlobDecoder(volume)
+    for k in (4, 5, 6):
+        np.testing.assert_array_equal(decode(k, [box], False)[0][0], block[k])
+    masks, _ = propagate(decode, box, 4, 16, PropagationRule())
+    assert sorted(masks) == list(range(4, 17))
+    for k in range(4, 17):
+        np.testing.assert_array_equal(masks[k], truth[k], err_msg=f"slice {k}")
+
+
 def test_interpolate_boxes_between_two_keys() -> None:
     boxes = interpolate_boxes({2: (0.0, 0.0, 10.0, 10.0), 6: (4.0, 8.0, 14.0, 18.0)})
     assert sorted(boxes) == [2, 3, 4, 5, 6]
@@ -210,6 +243,31 @@ def test_lite_box3d_volume_in_ml(synthetic) -> None:
     assert obj.volume_ml == pytest.approx(obj.voxels * voxel_ml) and result.volume_ml == pytest.approx(obj.volume_ml)
     truth_ml = SYNTH_TRUTH.sum() * voxel_ml  # ~25.8 mL
     assert 0.8 * truth_ml <= obj.volume_ml <= 1.3 * truth_ml
+
+
+def test_lite_box3d_does_not_leak_into_a_brighter_neighbour(lite_model) -> None:
+    """The synthetic ellipsoid with a brighter disc touching its rim on slices 7-9, inside the 3D
+    box's empty corner. Measured: volume DSC 0.86; no neighbour pixel labelled on slices 7-8, 45 of
+    its 222 on slice 9 (where the ellipsoid's cap is small)."""
+    rng = np.random.default_rng(0)
+    neighbour = np.zeros_like(SYNTH_TRUTH)
+    yy, xx = np.mgrid[:96, :96]
+    for k in (7, 8, 9):
+        neighbour[k] = ((yy - 30) ** 2 + (xx - 66) ** 2 <= 9 ** 2) & ~SYNTH_TRUTH[k]
+    array = rng.normal(100, 20, SYNTH_TRUTH.shape).astype(np.float32)
+    array[SYNTH_TRUTH] += 200
+    array[neighbour] += 400
+    volume = make_volume(array, "synthetic-ellipsoid-bright-neighbour", spacing=SYNTH_SPACING)
+    x0, y0, x1, y1 = mask_box(SYNTH_TRUTH.any(axis=0))
+    box = [x0 - 2, y0 - 2, x1 + 2, y1 + 2]
+    assert neighbour[:, int(y0) - 2:int(y1) + 3, int(x0) - 2:int(x1) + 3].sum() > 0.8 * neighbour.sum()  # inside the box
+    result = Segmenter(lite_model).segment(volume, [Box3DPrompt(box=box, first=0, last=11)], modality="MR")
+    mask = result.label == 1
+    assert dice(mask, SYNTH_TRUTH) >= 0.8
+    for k in (7, 8):
+        assert (mask[k] & neighbour[k]).sum() <= 0.05 * neighbour[k].sum(), f"slice {k}"
+        assert dice(mask[k], SYNTH_TRUTH[k]) >= SYNTH_INNER_DSC_FLOOR, f"slice {k}"
+    assert (mask[9] & neighbour[9]).sum() <= 0.3 * neighbour[9].sum()
 
 
 def test_lite_key_slices_reuse_embeddings_and_recover_the_ellipsoid(synthetic) -> None:

@@ -25,6 +25,7 @@ from .segmenter import Segmenter
 from .timing import interleaved_ms, p50_ms, rss_mb
 
 REFERENCE = "fp32-eager"
+AHEAD_SLICES = 8  # slices per encode_many call timed against encoding them one by one
 
 
 def _largest_slice(label: np.ndarray) -> int:
@@ -148,6 +149,15 @@ def run_bench(json_path: str | Path, datastore: str | Path, model: str = "medsam
         seg.segment_boxes(volume, k, [tuple(np.clip(np.asarray(box) + shift, 0, width - 1))], norm)
 
     results["decode_ms_p50"] = round(p50_ms(decode, repeats * 3, sam.device), 1)
+
+    # A volume's slices with the default encoder: all at once (encode_many) against one by one
+    batch = [image] * AHEAD_SLICES
+    ahead = interleaved_ms({"many": lambda: sam.encode_many(batch), "one": lambda: [sam.encode(x) for x in batch]},
+                           max(3, repeats // 2), sam.device)
+    results.update({"encode_ahead_slices": AHEAD_SLICES,
+                    "encode_many_ms_per_slice_p50": round(median(ahead["many"]) / AHEAD_SLICES, 1),
+                    "encode_one_by_one_ms_per_slice_p50": round(median(ahead["one"]) / AHEAD_SLICES, 1),
+                    "encode_many_ratio": round(median(ahead["many"]) / median(ahead["one"]), 3)})
 
     vol_case = cases.get("ct_3mm") or slice_case
     volume3 = images[vol_case.image_id]

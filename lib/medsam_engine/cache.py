@@ -6,7 +6,7 @@ import threading
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -99,6 +99,35 @@ class EmbeddingCache:
                 with self._lock:
                     self._pending.pop(key, None)
             return value, False
+
+    def compute_missing(self, keys: Sequence[Hashable],
+                        compute: Callable[[list[Hashable]], list[torch.Tensor]]) -> int:
+        """Compute, in one call of `compute`, the keys that are neither cached nor being computed
+        elsewhere, and store them; returns how many. Concurrent `get_or_compute` calls for those
+        keys wait for this result, as for any other computing key."""
+        claimed: list[tuple[Hashable, threading.Lock]] = []
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                if key in self._entries or key in self._pending:
+                    continue
+                key_lock = threading.Lock()
+                key_lock.acquire()
+                self._pending[key] = key_lock
+                claimed.append((key, key_lock))
+        try:
+            if claimed:
+                with self._computing:
+                    values = compute([key for key, _ in claimed])
+                for (key, _), value in zip(claimed, values, strict=True):
+                    self.put(key, value)
+                with self._lock:
+                    self.stats.misses += len(claimed)
+        finally:
+            with self._lock:
+                for key, key_lock in claimed:
+                    self._pending.pop(key, None)
+                    key_lock.release()
+        return len(claimed)
 
     def clear(self) -> None:
         with self._lock:

@@ -13,13 +13,13 @@ import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .attention import fuse_attention
-from .encoders import build_encoder, requested_encoder
+from .encoders import Encoder, build_encoder, requested_encoder
 from .errors import ModelLoadError
 
 
@@ -69,7 +69,7 @@ class SamModel:
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.encoder_cache = Path(encoder_cache) if encoder_cache else None
-        self._backends: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
+        self._backends: dict[str, tuple[str, Encoder]] = {}
         self._backend_lock = threading.Lock()
         self.set_encoder(encoder)
         # The decoder's transposed convolutions (64 -> 256 px upscaling) ran in 0.35x the time
@@ -84,7 +84,7 @@ class SamModel:
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
 
-    def _backend(self) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    def _backend(self) -> tuple[str, Encoder]:
         with self._backend_lock:
             backend = self._backends.get(self.encoder)
             if backend is None:
@@ -94,7 +94,7 @@ class SamModel:
                 self._backends[self.encoder] = backend
         return backend
 
-    def encoder_backend(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def encoder_backend(self) -> Encoder:
         """The chosen encoder's backend object (made now if not yet)."""
         return self._backend()[1]
 
@@ -112,6 +112,12 @@ class SamModel:
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image (1, 3, S, S) in [0, 1] -> embedding (1, C, h, w)."""
         return self._backend()[1](image.to(self.device, torch.float32))
+
+    @torch.inference_mode()
+    def encode_many(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Several images, each as `encode` takes it -> their embeddings, in order; the backend
+        may run them concurrently."""
+        return self._backend()[1].encode_many([image.to(self.device, torch.float32) for image in images])
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor,

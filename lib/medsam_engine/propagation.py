@@ -55,6 +55,11 @@ class PropagationRule:
     given_box_proposal: bool = True
     seed: str = "fill"
 
+    @property
+    def decodes_given_box_everywhere(self) -> bool:
+        """Whether the given box is decoded on every slice of the range (so all of them are encoded)."""
+        return self.seed == "fill"
+
     def margin(self, bound: Box) -> float:
         return max(2.0, self.margin_fraction * max(bound[2] - bound[0], bound[3] - bound[1]))
 

@@ -158,6 +158,33 @@ class Segmenter:
             tally.misses += not hit
         return value
 
+    def encode_ahead(self, volume: Volume, regions: Iterable[tuple[int, Crop | None]], normaliser: Normaliser,
+                     tally: _Tally | None = None) -> int:
+        """Encode the (slice, crop) regions not yet cached, all in one call of the encoder (which may
+        run them concurrently, see encoders.py); returns how many were encoded."""
+        regions = list(dict.fromkeys(regions))
+        keys = {(volume.key, k, normaliser.id, crop, self.model.cache_id): (k, crop) for k, crop in regions}
+
+        def compute(missing: list) -> list[torch.Tensor]:
+            start = time.perf_counter()
+            images = []
+            for key in missing:
+                k, crop = keys[key]
+                height, width = volume.slice_shape if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
+                images.append(Fit(height, width, self.model.geometry).image_to_model(
+                    self.slice_input(volume, k, normaliser, crop)))
+            values = self.model.encode_many(images)
+            if tally:
+                tally.encode_ms += (time.perf_counter() - start) * 1000
+                tally.misses += len(missing)
+            return values
+
+        return self.cache.compute_missing(list(keys), compute)
+
+    def crop_for(self, box: Box, height: int, width: int) -> Crop | None:
+        """The zoomed region a box on an (height, width) slice is decoded in (None: the whole slice)."""
+        return self.zoom.crop_for(box, Fit(height, width, self.model.geometry)) if self.zoom else None
+
     def is_cached(self, volume: Volume, k: int, normaliser: Normaliser) -> bool:
         return (volume.key, k, normaliser.id, None, self.model.cache_id) in self.cache
 
@@ -175,8 +202,7 @@ class Segmenter:
         clicks = clicks or [([], [])] * len(boxes)
         groups: dict[Crop | None, list[int]] = {}
         for i, box in enumerate(boxes):
-            crop = self.zoom.crop_for(box, full_fit) if self.zoom else None
-            groups.setdefault(crop, []).append(i)
+            groups.setdefault(self.crop_for(box, height, width), []).append(i)
         for crop, members in groups.items():
             oy, ox = (crop[0], crop[1]) if crop else (0, 0)
             fit = full_fit if crop is None else Fit(crop[2] - crop[0], crop[3] - crop[1], self.model.geometry)
@@ -248,6 +274,9 @@ class Segmenter:
             box, clipped = check_box(prompt.box, height, width)
             norm = self.normaliser(volume, modality, window, box, (first + last) // 2)
             decode, state = self._slice_decoder(volume, norm, tally)
+            if self.propagation.decodes_given_box_everywhere:
+                crop = self.crop_for(box, height, width)
+                self.encode_ahead(volume, [(k, crop) for k in range(first, last + 1)], norm, tally)
             masks, ious = propagate(decode, box, first, last, self.propagation)
         elif isinstance(prompt, KeySlicesPrompt):
             if not prompt.boxes:
@@ -260,8 +289,10 @@ class Segmenter:
             mid = sorted(checked)[len(checked) // 2]
             norm = self.normaliser(volume, modality, window, checked[mid], mid)
             decode, state = self._slice_decoder(volume, norm, tally)
+            boxes = interpolate_boxes(checked)
+            self.encode_ahead(volume, [(k, self.crop_for(b, height, width)) for k, b in boxes.items()], norm, tally)
             masks, ious = {}, {}
-            for k, b in interpolate_boxes(checked).items():
+            for k, b in boxes.items():
                 masks[k], ious[k] = decode(k, [b], k in checked)[0]
         else:
             raise EngineInputError(f"unknown prompt type {type(prompt).__name__}")
