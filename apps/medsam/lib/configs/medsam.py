@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from lib.activelearning import Diversity, Uncertainty
 from lib.endpoints.guard import DEFAULT_MAX_UPLOAD_MB
+from lib.flags import flag
 from lib.infers import MedSAMInfer
 from lib.infers.drafts import DraftWriter
 from lib.infers.engines import SegmenterPool
@@ -56,7 +57,10 @@ def _int(conf: Dict[str, str], key: str, default: int) -> int:
 
 
 def _bool(conf: Dict[str, str], key: str) -> bool:
-    return str(conf.get(key, "false")).strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return flag(conf.get(key), False)
+    except ValueError:
+        raise ValueError(f"--conf {key} must be true or false, got {conf[key]!r}") from None
 
 
 def task_subprocess_method(argv: list[str] | None = None) -> str | None:

@@ -10,6 +10,7 @@ from medsam_engine import SegmentationResult, Segmenter
 from medsam_engine.geometry import check_box
 from medsam_engine.imageio import Volume
 
+from lib.flags import flag
 from lib.infers.drafts import DraftWriter
 from lib.infers.engines import SegmenterPool
 from lib.infers.output import result_format, write_result
@@ -21,12 +22,6 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 logger = logging.getLogger(__name__)
 
 MODEL_PARAM = "medsam_model"  # the request's `model`, renamed by the endpoint (MONAI Label uses `model` for the task)
-
-
-def _flag(value: object, default: bool) -> bool:
-    if value is None or value == "":
-        return default
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 class MedSAMInfer(InferTask):
@@ -74,7 +69,7 @@ class MedSAMInfer(InferTask):
             extension, dtype = result_format(request.get("result_extension"), request.get("result_dtype"))
             result = segmenter.segment(volume, translation.prompts, request.get("modality"), request.get("window"))
             written = time.perf_counter()
-            path = write_result(result.label, volume, extension, dtype, _flag(request.get("result_compress"), True))
+            path = write_result(result.label, volume, extension, dtype, flag(request.get("result_compress"), True))
             write_ms = (time.perf_counter() - written) * 1000
         self._encode_around(segmenter, volume, translation, result, request.get("window"))
         draft = None

@@ -26,6 +26,8 @@ from medsam_engine.atomicio import remove_stale_temps
 from medsam_engine.checkpoints import read_json, reconcile_manifest
 from medsam_engine.datastore import Case
 from medsam_engine.training import TrainConfig, die_with_parent, train, train_spawned
+
+from lib.flags import flag
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
@@ -62,7 +64,7 @@ def _option(request: dict, key: str, kind: type) -> Any:
         value = value[0]
     try:
         if kind is bool:
-            return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+            return flag(value, DEFAULTS[key])
         return kind(value)
     except (TypeError, ValueError):
         raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"train option {key} must be {kind.__name__}, "
