@@ -157,7 +157,8 @@ def run_bench(json_path: str | Path, datastore: str | Path, model: str = "medsam
     results.update({"encode_ahead_slices": AHEAD_SLICES,
                     "encode_many_ms_per_slice_p50": round(median(ahead["many"]) / AHEAD_SLICES, 1),
                     "encode_one_by_one_ms_per_slice_p50": round(median(ahead["one"]) / AHEAD_SLICES, 1),
-                    "encode_many_ratio": round(median(ahead["many"]) / median(ahead["one"]), 3)})
+                    "encode_many_ratio": round(median(ahead["many"]) / median(ahead["one"]), 3),
+                    "rss_after_encode_ahead_mb": rss_mb()})
 
     vol_case = cases.get("ct_3mm") or slice_case
     volume3 = images[vol_case.image_id]

@@ -147,7 +147,8 @@ class OpenVinoEncoder:
         self.compiled = core.compile_model(graph, "CPU", {**self._config, "PERFORMANCE_HINT": "LATENCY"})
         self._idle = [self.compiled.create_infer_request()]
         self._lock = threading.Lock()
-        self._ov, self._core, self._graph = ov, core, graph
+        self.graph = graph  # the OpenVINO model, as converted or read
+        self._ov, self._core = ov, core
         self._throughput = None
 
     def _convert(self, ov, module: nn.Module):
@@ -178,7 +179,7 @@ class OpenVinoEncoder:
             return [self(image) for image in images]
         with self._lock:
             if self._throughput is None:
-                self._throughput = self._core.compile_model(self._graph, "CPU",
+                self._throughput = self._core.compile_model(self.graph, "CPU",
                                                             {**self._config, "PERFORMANCE_HINT": "THROUGHPUT"})
             compiled = self._throughput
         queue = self._ov.AsyncInferQueue(compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
