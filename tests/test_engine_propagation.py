@@ -278,3 +278,23 @@ def test_lite_key_slices_reuse_embeddings_and_recover_the_ellipsoid(synthetic) -
     assert (result.cache_misses, result.cache_hits) == (0, 8)  # every slice was encoded by the 3D box
     assert not result.label[:2].any() and not result.label[10:].any()
     assert dice(result.label[2:10] == 1, SYNTH_TRUTH[2:10]) >= SYNTH_INNER_DSC_FLOOR
+
+
+def test_lite_key_slices_give_every_interpolated_box_the_small_box_prior(lite_model) -> None:
+    """Boxes interpolated between tight key-slice boxes are tight too: small ones get the box prior
+    on every slice (on the sample data's key slices this raised the median DSC of ct_3mm + mr_3mm
+    from 0.692 to 0.711, README "3D"); a 3D box's loose boxes never do."""
+    truth = ellipsoid((10, 96, 96), centre=(4.5, 48, 46), radii=(4.0, 6.0, 7.0))
+    rng = np.random.default_rng(2)
+    array = rng.normal(100, 20, truth.shape).astype(np.float32)
+    array[truth] += 200
+    volume = make_volume(array, "synthetic-small-ellipsoid", spacing=SYNTH_SPACING)
+    segmenter = Segmenter(lite_model)
+    keys = {k: mask_box(truth[k]) for k in (2, 4, 7)}
+    result = segmenter.segment(volume, [KeySlicesPrompt(boxes=keys)], modality="MR")
+    obj = result.objects[0]
+    assert obj.slices == list(range(2, 8)) and obj.prior_slices == 6 and obj.zoomed_slices == 0
+    assert dice(result.label[2:8] == 1, truth[2:8]) >= 0.8
+    x0, y0, x1, y1 = mask_box(truth.any(axis=0))
+    loose = segmenter.segment(volume, [Box3DPrompt(box=[x0, y0, x1, y1], first=1, last=8)], modality="MR")
+    assert loose.objects[0].prior_slices == 0

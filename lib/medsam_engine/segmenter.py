@@ -293,21 +293,22 @@ class Segmenter:
             self.encode_ahead(volume, [(k, self.crop_for(b, height, width)) for k, b in boxes.items()], norm, tally)
             masks, ious = {}, {}
             for k, b in boxes.items():
-                masks[k], ious[k] = decode(k, [b], k in checked)[0]
+                masks[k], ious[k] = decode(k, [b], True)[0]  # between tight boxes, tight too
         else:
             raise EngineInputError(f"unknown prompt type {type(prompt).__name__}")
         for k, mask in masks.items():
             out[k][mask] = prompt.label
         return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"],
-                            decoded_boxes=state["decoded"])
+                            state["prior"], state["decoded"])
 
     def _slice_decoder(self, volume: Volume, norm: Normaliser, tally: _Tally) -> tuple[SliceDecoder, dict[str, int]]:
         """The per-slice decoder that 3D propagation calls, and its counts."""
-        state = {"zoomed": 0, "decoded": 0}
+        state = {"zoomed": 0, "prior": 0, "decoded": 0}
 
         def decode(k: int, boxes: Sequence[Box], tight: bool) -> list[tuple[np.ndarray, float]]:
             res = self.segment_boxes(volume, k, list(boxes), norm, None, tally, tight=tight)
             state["zoomed"] += res.zoomed
+            state["prior"] += res.prior
             state["decoded"] += len(boxes)
             masks = res.masks
             return [(masks[i], res.iou[i]) for i in range(len(boxes))]
