@@ -110,8 +110,10 @@ def curve_plot(runs: dict, path: Path, xlabel: str = "corrective clicks after th
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for t in THRESHOLDS:
         ax.axhline(t, color="grey", lw=0.8, ls="--")
     for name, run in runs.items():
