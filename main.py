@@ -1,6 +1,7 @@
 """MedSAM for MONAI Label: the project's entry point (it only wires commands to the modules).
 
-    python main.py eval DATASTORE --out DIR [--mode 2d|3d] [--jitter PX] [--model NAME]
+    python main.py eval DATASTORE --out DIR [--mode 2d|3d|3d-keys] [--jitter PX] [--model NAME]
+        [--loose PCT ...] [--clicks N] [--mode 3d-keys --add-boxes N]
     python main.py bench --json FILE [--no-http | --http-only]
     python main.py serve [--studies PATH_OR_URL | --orthanc [--orthanc-port 8042]] [--host 127.0.0.1] [--port 8000]
     [torchrun --nproc_per_node N] python main.py train DATASTORE --out DIR [--publish FILE] [options]
@@ -25,6 +26,16 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.add_boxes is not None:
+        from medsam_engine.evaluate_interactive import evaluate_key_boxes
+
+        if args.mode != "3d-keys" or args.loose or args.clicks or args.jitter:
+            sys.exit("--add-boxes adds tight key-slice boxes: use it with --mode 3d-keys, without --loose, "
+                     "--clicks or --jitter")
+        evaluate_key_boxes(args.datastore, args.out, keys=args.keys, add_boxes=args.add_boxes, model=args.model,
+                           checkpoint=args.checkpoint, device=args.device, zoom=not args.no_zoom,
+                           prior=not args.no_prior, limit=args.limit, images=args.images, every=args.every)
+        return
     if args.loose or args.clicks:
         from medsam_engine.evaluate_interactive import evaluate_interactive
 
@@ -120,8 +131,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="2d: up to N simulated corrective clicks after the box (DSC per click, NoC@85/@90)")
     p.add_argument("--refine", nargs="+", choices=("rules", "points"), default=["rules"],
                    help="click refinement(s) compared by --clicks (rules: box prompts only; points: SAM point prompts)")
-    p.add_argument("--every", type=int, default=1, help="--loose/--clicks: only every n-th object (quick runs)")
-    p.add_argument("--images", nargs="+", help="--loose/--clicks: only these image ids")
+    p.add_argument("--add-boxes", type=int, metavar="N",
+                   help="3d-keys: after the --keys boxes, up to N more tight key-slice boxes, each on the object's "
+                        "worst slice (volume DSC after each box, boxes to reach 0.85 / 0.90)")
+    p.add_argument("--every", type=int, default=1,
+                   help="--loose/--clicks/--add-boxes: only every n-th object (quick runs)")
+    p.add_argument("--images", nargs="+", help="--loose/--clicks/--add-boxes: only these image ids")
     _model_args(p)
     p.set_defaults(func=cmd_eval)
 

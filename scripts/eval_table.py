@@ -4,7 +4,9 @@
         [--compare-name "DSC plain"] [--min-n 5]
 
 Summaries of `--loose` runs print the loose levels side by side; of `--clicks` runs, mean DSC after
-each click and NoC@85 / NoC@90 per image and organ.
+each click and NoC@85 / NoC@90 per image and organ; of `--mode 3d-keys --add-boxes N` runs, mean volume
+DSC after each added key-slice box and the mean boxes (initial + added) to reach 0.85 / 0.90, an object
+that never does counted as initial + N + 1, with the share that never does.
 """
 
 from __future__ import annotations
@@ -45,24 +47,40 @@ def loose_tables(summary: dict, min_n: int) -> None:
         print()
 
 
-def click_tables(summary: dict, min_n: int) -> None:
-    """Mean DSC after 0..N clicks and NoC per image and organ, one table per refinement run."""
-    clicks = summary["clicks"]
-    for run_name, run in summary["click_runs"].items():
+def curve_tables(runs: dict, steps: int, step_head: str, low_name: str, columns: list[tuple[str, str]],
+                 min_n: int) -> None:
+    """Mean DSC after 0..`steps` interactions, then `columns` (head, stats key; keys ending in
+    "_failed" print as a share) per group, one table per run."""
+    for run_name, run in runs.items():
         print(f"**{run_name}**\n")
-        print("| group | n | " + " | ".join(f"DSC {i}" for i in range(clicks + 1)) +
-              " | NoC@85 | NoC@90 | never 90 |")
-        print("|---" * (clicks + 6) + "|")
+        print("| group | n | " + " | ".join(f"DSC {step_head}{i}" for i in range(steps + 1)) + " | " +
+              " | ".join(head for head, _ in columns) + " |")
+        print("|---" * (steps + 3 + len(columns)) + "|")
         groups = [("overall", run["overall"])]
         if run["start_below_0.8"]:
-            groups.append(("box DSC < 0.8", run["start_below_0.8"]))
+            groups.append((low_name, run["start_below_0.8"]))
         groups += list(run["per_image"].items()) + list(run["per_organ"].items())
         for name, stats in groups:
             if stats["n"] < min_n:
                 continue
-            print(f"| {name} | {stats['n']} | " + " | ".join(f"{v:.3f}" for v in stats["dsc_mean"]) +
-                  f" | {stats['noc85_mean']:.2f} | {stats['noc90_mean']:.2f} | {stats['noc90_failed']:.0%} |")
+            cells = [f"{stats[key]:.0%}" if key.endswith("_failed") else f"{stats[key]:.2f}" for _, key in columns]
+            print(f"| {name} | {stats['n']} | " + " | ".join(f"{v:.3f}" for v in stats["dsc_mean"]) + " | " +
+                  " | ".join(cells) + " |")
         print()
+
+
+def click_tables(summary: dict, min_n: int) -> None:
+    """Mean DSC after 0..N clicks and NoC per image and organ, one table per refinement run."""
+    curve_tables(summary["click_runs"], summary["clicks"], "", "box DSC < 0.8",
+                 [("NoC@85", "noc85_mean"), ("NoC@90", "noc90_mean"), ("never 90", "noc90_failed")], min_n)
+
+
+def box_tables(summary: dict, min_n: int) -> None:
+    """Mean volume DSC after 0..N added key-slice boxes and the boxes needed for 0.85 / 0.90."""
+    print(f"model {summary['model']}, {summary['keys']} initial key slices, up to {summary['add_boxes']} added\n")
+    curve_tables(summary["box_runs"], summary["add_boxes"], "+", "initial DSC < 0.8",
+                 [("boxes@85", "boxes85_mean"), ("never 85", "boxes85_failed"), ("boxes@90", "boxes90_mean"),
+                  ("never 90", "boxes90_failed")], min_n)
 
 
 def main() -> None:
@@ -73,6 +91,8 @@ def main() -> None:
     parser.add_argument("--min-n", type=int, default=5, help="organs with fewer cases are left out")
     args = parser.parse_args()
     summary = json.loads(args.summary.read_text())
+    if summary.get("box_runs"):
+        return box_tables(summary, args.min_n)
     if summary.get("click_runs"):
         return click_tables(summary, args.min_n)
     if summary.get("loose_runs"):

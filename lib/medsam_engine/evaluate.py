@@ -122,33 +122,46 @@ def _eval_3d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator
         yield _object_row(case, value, volume, gt, result.label > 0, base, side, result.objects[0].zoomed_slices > 0)
 
 
+def usable_slices(slices: np.ndarray, gt: np.ndarray) -> list[int]:
+    """The slices among `slices` whose mask has a box with area (where a key box can be drawn)."""
+    return [int(k) for k in slices if (b := mask_box(gt[k])) is not None and b[2] > b[0] and b[3] > b[1]]
+
+
 def key_slices(slices: np.ndarray, gt: np.ndarray, keys: int) -> list[int]:
     """`keys` slices spread evenly from the object's first to its last slice (the ends and the middle
     for 3), each moved to the nearest slice whose mask has a box with area."""
-    usable = [int(k) for k in slices if (b := mask_box(gt[k])) is not None and b[2] > b[0] and b[3] > b[1]]
+    usable = usable_slices(slices, gt)
     if not usable:
         return []
     wanted = np.linspace(usable[0], usable[-1], max(1, keys))
     return sorted({min(usable, key=lambda k: (abs(k - w), k)) for w in wanted})
 
 
+def segment_keys(seg: Segmenter, case: Case, volume: Volume, value: int, gt: np.ndarray,
+                 boxes: dict[int, Box]) -> tuple[dict, np.ndarray]:
+    """One object segmented from its key-slice boxes: its eval row (the filled-box baseline fills the
+    boxes interpolated between the key slices) and the predicted mask."""
+    fit = Fit(*volume.slice_shape, seg.model.geometry)
+    result = seg.segment(volume, [KeySlicesPrompt(boxes)])
+    base = np.zeros_like(gt)
+    for k, box in interpolate_boxes(boxes).items():
+        base[k] = filled_box(gt.shape[1:], box)
+    side = max(max((b[2] - b[0] + 1) * fit.scale[1], (b[3] - b[1] + 1) * fit.scale[0]) for b in boxes.values())
+    pred = result.label > 0
+    return _object_row(case, value, volume, gt, pred, base, side, result.objects[0].zoomed_slices > 0), pred
+
+
 def _eval_3d_keys(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator,
                   keys: int = 3) -> Iterator[dict]:
     """Tight boxes on `keys` key slices of each object (the paper's annotation study), the rest from
-    the engine; the filled-box baseline fills the boxes interpolated between the key slices."""
+    the engine."""
     for volume, value, gt, slices in _objects_3d(case):
         height, width = volume.slice_shape
-        fit = Fit(height, width, seg.model.geometry)
         chosen = key_slices(slices, gt, keys)
         if not chosen:
             continue
         boxes = {k: jitter_box(mask_box(gt[k]), jitter, rng, height, width) for k in chosen}  # type: ignore[arg-type]
-        result = seg.segment(volume, [KeySlicesPrompt(boxes)])
-        base = np.zeros_like(gt)
-        for k, box in interpolate_boxes(boxes).items():
-            base[k] = filled_box(gt.shape[1:], box)
-        side = max(max((b[2] - b[0] + 1) * fit.scale[1], (b[3] - b[1] + 1) * fit.scale[0]) for b in boxes.values())
-        yield _object_row(case, value, volume, gt, result.label > 0, base, side, result.objects[0].zoomed_slices > 0)
+        yield segment_keys(seg, case, volume, value, gt, boxes)[0]
 
 
 def _stats(rows: list[dict], prefix: str = "") -> dict:
