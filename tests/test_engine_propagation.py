@@ -298,3 +298,22 @@ def test_lite_key_slices_give_every_interpolated_box_the_small_box_prior(lite_mo
     x0, y0, x1, y1 = mask_box(truth.any(axis=0))
     loose = segmenter.segment(volume, [Box3DPrompt(box=[x0, y0, x1, y1], first=1, last=8)], modality="MR")
     assert loose.objects[0].prior_slices == 0
+
+
+def test_lite_key_slices_keep_one_ct_window_when_a_box_is_added(lite_model) -> None:
+    """The CT window of a key-slice run comes from all its key boxes together: a further box whose
+    own region would get the lung window (mostly air) leaves it as it was, so no slice is encoded
+    again (the window of the middle key box alone flipped to lung here and re-encoded all 8)."""
+    rng = np.random.default_rng(3)
+    array = rng.normal(40, 10, (10, 64, 64)).astype(np.float32)
+    array[1:9, 22:42, 22:42] += 110  # the object, soft tissue
+    array[4, 20:44, 20:44] = rng.normal(-850, 30, (24, 24))  # slice 4: an air pocket where it was
+    volume = make_volume(array, "synthetic-ct-key-window")
+    box = (20.0, 20.0, 43.0, 43.0)
+    segmenter = Segmenter(lite_model)
+    two = segmenter.segment(volume, [KeySlicesPrompt(boxes={1: box, 8: box})], modality="CT")
+    assert two.objects[0].preprocessing.startswith("window:soft_tissue") and two.cache_misses == 8
+    assert segmenter.normaliser(volume, "CT", None, box, 4).id.startswith("window:lung")  # alone: lung
+    three = segmenter.segment(volume, [KeySlicesPrompt(boxes={1: box, 4: box, 8: box})], modality="CT")
+    assert three.objects[0].preprocessing == two.objects[0].preprocessing
+    assert (three.cache_misses, three.cache_hits) == (0, 8)

@@ -116,14 +116,23 @@ class Segmenter:
         return value
 
     def normaliser(self, volume: Volume, modality: str, window: object, box: Box, k: int) -> Normaliser:
-        """CT: the given window, else one chosen from the HU inside and around the box; other grey images: the
-        volume's 0.5-99.5 percentile clip; RGB: kept."""
+        """CT: the given window, else one chosen from the HU inside and around the box on slice k;
+        other grey images: the volume's 0.5-99.5 percentile clip; RGB: kept."""
+        return self.normaliser_over(volume, modality, window, [(k, box)])
+
+    def normaliser_over(self, volume: Volume, modality: str, window: object,
+                        regions: Sequence[tuple[int, Box]]) -> Normaliser:
+        """As `normaliser`, with the CT window chosen from the HU inside and around all the (slice,
+        box) regions together: one window for all of an object's key-slice boxes, which a further box
+        rarely changes (each change re-encodes every slice)."""
         if modality == "RGB":
             return KeepRGB()
         if modality == "CT":
             chosen = parse_window(window)
             if chosen is None:
-                chosen = auto_window(*box_context(volume.array[k], box))
+                contexts = [box_context(volume.array[k], box) for k, box in regions]
+                chosen = auto_window(np.concatenate([inside.ravel() for inside, _ in contexts]),
+                                     np.concatenate([ring.ravel() for _, ring in contexts]))
             return chosen
         return self._memo(self._clips, volume.key, lambda: percentile_clip(volume.array))
 
@@ -286,8 +295,7 @@ class Segmenter:
             for k, b in prompt.boxes.items():
                 checked[_check_slice(k, volume)], was_clipped = check_box(b, height, width)
                 clipped |= was_clipped
-            mid = sorted(checked)[len(checked) // 2]
-            norm = self.normaliser(volume, modality, window, checked[mid], mid)
+            norm = self.normaliser_over(volume, modality, window, sorted(checked.items()))
             decode, state = self._slice_decoder(volume, norm, tally)
             boxes = interpolate_boxes(checked)
             self.encode_ahead(volume, [(k, self.crop_for(b, height, width)) for k, b in boxes.items()], norm, tally)
