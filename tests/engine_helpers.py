@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 from torch import nn
 
+from medsam_engine.datastore import label_names
 from medsam_engine.imageio import Volume, volume_from_sitk
 from medsam_engine.models import SamViTSpec
 
@@ -56,3 +57,8 @@ def tiny_sam(spec: SamViTSpec = TINY_VIT_SPEC) -> nn.Module:
             transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
         ),
     )
+
+
+def label_value(image: str, organ: str) -> int:
+    """The label value of `organ` in the sample image `image` (names from labels.json)."""
+    return next(value for value, name in label_names(SAMPLE_DIR)[image].items() if name == organ)

@@ -10,12 +10,10 @@ so their required gap to the box is 0.05 rather than 0.1.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from engine_helpers import SAMPLE_DIR, dice
+from engine_helpers import dice, label_value
 from medsam_engine import SlicePrompt
 from medsam_engine.geometry import mask_box
 
@@ -30,15 +28,10 @@ CASES = [
 ]
 
 
-def _label_value(image: str, organ: str) -> int:
-    names = json.loads((SAMPLE_DIR / "labels.json").read_text())[image]
-    return next(int(value) for value, name in names.items() if name == organ)
-
-
 @pytest.mark.parametrize("image, organ, floor, gap", CASES, ids=[f"{i}-{o}" for i, o, _, _ in CASES])
 def test_lite_dsc_floor_per_organ(sample_volume, lite_segmenter, image: str, organ: str, floor: float, gap: float) -> None:
     volume, label = sample_volume(image)
-    organ_mask = label.array == _label_value(image, organ)
+    organ_mask = label.array == label_value(image, organ)
     slices = np.flatnonzero(organ_mask.any(axis=(1, 2)))
     k = int((slices[0] + slices[-1]) // 2)
     truth = organ_mask[k]

@@ -10,12 +10,10 @@ also beat the filled box by `gap`.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from engine_helpers import SAMPLE_DIR, dice
+from engine_helpers import dice, label_value
 from medsam_engine import Box3DPrompt
 from medsam_engine.geometry import mask_box
 
@@ -33,16 +31,11 @@ CASES = [
 ]
 
 
-def _label_value(image: str, organ: str) -> int:
-    names = json.loads((SAMPLE_DIR / "labels.json").read_text())[image]
-    return next(int(value) for value, name in names.items() if name == organ)
-
-
 @pytest.mark.parametrize("image, organ, floor, gap", CASES, ids=[f"{i}-{o}" for i, o, _, _ in CASES])
 def test_lite_3d_box_dsc_floor_per_organ(sample_volume, lite_segmenter, image: str, organ: str,
                                          floor: float, gap: float) -> None:
     volume, label = sample_volume(image)
-    truth = label.array == _label_value(image, organ)
+    truth = label.array == label_value(image, organ)
     slices = np.flatnonzero(truth.any(axis=(1, 2)))
     first, last = int(slices[0]), int(slices[-1])
     box = mask_box(truth.any(axis=0))

@@ -36,7 +36,6 @@ FALLBACK = "fp32-traced"
 CACHE_KEEP = 4  # converted graphs kept per model name (older versions' are deleted)
 
 
-
 class Encoder(Protocol):
     """An encoder backend: one input (1, 3, S, S) -> its embedding, or several at once."""
 

@@ -7,10 +7,11 @@ import json
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .atomicio import atomic_write
 from .datastore import Case, label_names, list_cases
 from .errors import EngineInputError
 from .geometry import Box, Fit, mask_box
@@ -227,6 +228,26 @@ def eval_setup(datastore: str | Path, out: str | Path, cases: list[Case], model:
     return out, seg, label_names(datastore)
 
 
+def collect_rows(cases: list[Case], names: dict, rows_of: Callable[[Case], Iterable[dict]], datastore: str | Path,
+                 unit: str = "objects") -> list[dict]:
+    """The eval rows of every case, each named after its label, with one progress line per image;
+    EngineInputError when there are none."""
+    rows: list[dict] = []
+    for case in cases:
+        for row in rows_of(case):
+            row["name"] = names.get(case.image_id, {}).get(row["label"], str(row["label"]))
+            rows.append(row)
+        print(f"{case.image_id}: {sum(r['image'] == case.image_id for r in rows)} {unit}", flush=True)
+    if not rows:
+        raise EngineInputError(f"no objects to evaluate in {datastore}")
+    return rows
+
+
+def write_summary(summary: dict, path: Path) -> None:
+    """summary.json, written whole (atomically)."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+
+
 def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: float = 0.0,
              model: str = "medsam-lite", checkpoint: str | None = None, device: str | None = None,
              zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0, keys: int = 3) -> dict:
@@ -238,14 +259,7 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
     if mode not in runs:
         raise EngineInputError(f"unknown eval mode {mode!r}; use one of {', '.join(runs)}")
     run = runs[mode]
-    rows = []
-    for case in cases:
-        for row in run(seg, case, jitter, rng):
-            row["name"] = names.get(case.image_id, {}).get(row["label"], str(row["label"]))
-            rows.append(row)
-        print(f"{case.image_id}: {sum(r['image'] == case.image_id for r in rows)} objects", flush=True)
-    if not rows:
-        raise EngineInputError(f"no objects to evaluate in {datastore}")
+    rows = collect_rows(cases, names, lambda case: run(seg, case, jitter, rng), datastore)
     with open(out / "per_case.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -255,7 +269,7 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
     summary = {"model": seg.model.version, "mode": mode, "jitter": jitter, **({"keys": keys} if mode == "3d-keys" else {}),
                "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
                **summarise(rows)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_summary(summary, out / "summary.json")
     box_plot(rows, out / "dsc_boxplot.png")
     overall = summary["overall"]
     print(f"overall DSC median {overall['model']['dsc_median']:.3f} (filled box {overall['box']['dsc_median']:.3f}), "

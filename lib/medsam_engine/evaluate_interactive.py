@@ -5,18 +5,18 @@ key-slice boxes added one at a time on the worst slice (volume DSC after each bo
 from __future__ import annotations
 
 import csv
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .atomicio import staged
 from .clicks import clicks_needed, loose_box, next_click
 from .datastore import Case, list_cases
 from .errors import EngineInputError
-from .evaluate import (_objects_3d, _read_case, box_plot, eval_setup, filled_box, key_slices, segment_keys,
-                       summarise, usable_slices)
+from .evaluate import (_objects_3d, _read_case, box_plot, collect_rows, eval_setup, filled_box, key_slices,
+                       segment_keys, summarise, usable_slices, write_summary)
 from .geometry import Box, Fit, mask_box
 from .imageio import Volume
 from .metrics import dsc, nsd
@@ -134,8 +134,7 @@ def curve_plot(runs: dict, path: Path, xlabel: str = "corrective clicks after th
 def _write_csv(rows: list[dict], clicks: int, path: Path) -> None:
     columns = BASE_COLUMNS + [f"dsc_click{i}" for i in range(1, clicks + 1)] + \
         ([f"noc{int(t * 100)}" for t in THRESHOLDS] if clicks else [])
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with staged(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -145,7 +144,6 @@ def _write_csv(rows: list[dict], clicks: int, path: Path) -> None:
             if clicks:
                 cells.update({f"noc{int(t * 100)}": clicks_needed(row["curve"], t) for t in THRESHOLDS})
             writer.writerow(cells)
-    tmp.replace(path)
 
 
 def evaluate_interactive(datastore: str | Path, out: str | Path, loose: Sequence[float] = (0.0,), clicks: int = 0,
@@ -163,16 +161,11 @@ def evaluate_interactive(datastore: str | Path, out: str | Path, loose: Sequence
         raise EngineInputError(f"unknown refinement {unknown[0]!r}; use one of {', '.join(METHODS)}")
     cases = [c for c in list_cases(datastore) if not images or c.image_id in images][:limit]
     out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior)
-    rows: list[dict] = []
-    for case in cases:
+    def rows_of(case: Case) -> Iterator[dict]:
         volume, label = _read_case(case)
-        for row in _eval_case(seg, volume, label, case.image_id, list(loose), clicks, list(refine), seed,
-                              every):
-            row["name"] = names.get(case.image_id, {}).get(row["label"], str(row["label"]))
-            rows.append(row)
-        print(f"{case.image_id}: {sum(r['image'] == case.image_id for r in rows)} rows", flush=True)
-    if not rows:
-        raise EngineInputError(f"no objects to evaluate in {datastore}")
+        return _eval_case(seg, volume, label, case.image_id, list(loose), clicks, list(refine), seed, every)
+
+    rows = collect_rows(cases, names, rows_of, datastore, unit="rows")
     _write_csv(rows, clicks, out / "per_case.csv")
     first = refine[0] if clicks else ""
     summary: dict = {"model": seg.model.version, "mode": "2d", "loose": list(loose), "clicks": clicks,
@@ -187,9 +180,7 @@ def evaluate_interactive(datastore: str | Path, out: str | Path, loose: Sequence
             for method in refine:
                 summary["click_runs"][f"{method}, loose {pct:g}%"] = summarise_clicks(
                     [r for r in rows if r["loose"] == pct and r["refine"] == method])
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / "summary.json")
+    write_summary(summary, out / "summary.json")
     if clicks:
         curve_plot(summary["click_runs"], out / "dsc_per_click.png")
         for name, run in summary["click_runs"].items():
@@ -251,8 +242,7 @@ KEY_COLUMNS = ["image", "label", "name", "keys", "dsc", "nsd", "box_dsc", "box_n
 def _write_key_csv(rows: list[dict], add_boxes: int, path: Path) -> None:
     columns = KEY_COLUMNS + [f"dsc_box{i}" for i in range(1, add_boxes + 1)] + \
         [f"boxes{int(t * 100)}" for t in THRESHOLDS] + ["added_slices"]
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with staged(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -261,7 +251,6 @@ def _write_key_csv(rows: list[dict], add_boxes: int, path: Path) -> None:
             cells.update({f"boxes{int(t * 100)}": boxes_needed(row, t) for t in THRESHOLDS})
             cells["added_slices"] = ";".join(str(k) for k in row["added"])
             writer.writerow(cells)
-    tmp.replace(path)
 
 
 def evaluate_key_boxes(datastore: str | Path, out: str | Path, keys: int = 3, add_boxes: int = 4,
@@ -275,22 +264,13 @@ def evaluate_key_boxes(datastore: str | Path, out: str | Path, keys: int = 3, ad
         raise EngineInputError("--add-boxes, --keys and --every must be at least 1")
     cases = [c for c in list_cases(datastore) if not images or c.image_id in images][:limit]
     out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior)
-    rows: list[dict] = []
-    for case in cases:
-        for row in _eval_key_boxes(seg, case, keys, add_boxes, every):
-            row["name"] = names.get(case.image_id, {}).get(row["label"], str(row["label"]))
-            rows.append(row)
-        print(f"{case.image_id}: {sum(r['image'] == case.image_id for r in rows)} objects", flush=True)
-    if not rows:
-        raise EngineInputError(f"no objects to evaluate in {datastore}")
+    rows = collect_rows(cases, names, lambda case: _eval_key_boxes(seg, case, keys, add_boxes, every), datastore)
     _write_key_csv(rows, add_boxes, out / "per_case.csv")
     run_name = f"{keys} key slices + worst-slice boxes"
     summary = {"model": seg.model.version, "mode": "3d-keys", "keys": keys, "add_boxes": add_boxes, "every": every,
                "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
                "initial": summarise(rows), "box_runs": {run_name: summarise_clicks(rows, boxes_needed, "boxes")}}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / "summary.json")
+    write_summary(summary, out / "summary.json")
     curve_plot(summary["box_runs"], out / "dsc_per_box.png",
                xlabel=f"key-slice boxes added on the worst slice (after {keys} initial)")
     o = summary["box_runs"][run_name]["overall"]

@@ -43,8 +43,8 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def default_encoder(device: torch.device) -> str:
-    """bf16 autocast on a GPU; on a CPU, OpenVINO in fp32 (0.24x of fp32 eager in two bench runs,
-    the fp32 masks; its bf16 was slower there and moved masks: figures in the README's "Bench")."""
+    """bf16 autocast on a GPU; on a CPU, OpenVINO in fp32 (the fastest variant in every bench run,
+    with the fp32 masks; its bf16 was slower and moved masks: figures in the README's "Bench")."""
     if device.type == "cuda":
         return "bf16-eager" if bf16_supported(device) else "fp32-eager"
     return "ov-fp32"

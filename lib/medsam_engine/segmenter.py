@@ -146,17 +146,24 @@ class Segmenter:
             values = np.repeat(values[..., None], 3, axis=2)
         return values.astype(np.float32, copy=False)
 
+    def model_input(self, volume: Volume, k: int, crop: Crop | None, normaliser: Normaliser) -> torch.Tensor:
+        """Slice k (or a crop of it) as the encoder's input (1, 3, S, S)."""
+        height, width = volume.slice_shape if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
+        return Fit(height, width, self.model.geometry).image_to_model(self.slice_input(volume, k, normaliser, crop))
+
     # ---- embeddings ----------------------------------------------------------------------
+    def _key(self, volume: Volume, k: int, normaliser: Normaliser, crop: Crop | None) -> tuple:
+        """The cache key of an embedding: image, slice, preprocessing, crop, weights and encoder."""
+        return (volume.key, k, normaliser.id, crop, self.model.cache_id)
+
     def embedding(self, volume: Volume, k: int, normaliser: Normaliser, crop: Crop | None = None,
                   tally: _Tally | None = None) -> torch.Tensor:
         """The embedding of slice k (or a crop), from the cache when there."""
-        height, width = volume.slice_shape if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
-        fit = Fit(height, width, self.model.geometry)
-        key = (volume.key, k, normaliser.id, crop, self.model.cache_id)
+        key = self._key(volume, k, normaliser, crop)
 
         def compute() -> torch.Tensor:
             start = time.perf_counter()
-            value = self.model.encode(fit.image_to_model(self.slice_input(volume, k, normaliser, crop)))
+            value = self.model.encode(self.model_input(volume, k, crop, normaliser))
             if tally:
                 tally.encode_ms += (time.perf_counter() - start) * 1000
             return value
@@ -171,18 +178,11 @@ class Segmenter:
                      tally: _Tally | None = None) -> int:
         """Encode the (slice, crop) regions not yet cached, all in one call of the encoder (which may
         run them concurrently, see encoders.py); returns how many were encoded."""
-        regions = list(dict.fromkeys(regions))
-        keys = {(volume.key, k, normaliser.id, crop, self.model.cache_id): (k, crop) for k, crop in regions}
+        keys = {self._key(volume, k, normaliser, crop): (k, crop) for k, crop in regions}
 
         def compute(missing: list) -> list[torch.Tensor]:
             start = time.perf_counter()
-            images = []
-            for key in missing:
-                k, crop = keys[key]
-                height, width = volume.slice_shape if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
-                images.append(Fit(height, width, self.model.geometry).image_to_model(
-                    self.slice_input(volume, k, normaliser, crop)))
-            values = self.model.encode_many(images)
+            values = self.model.encode_many([self.model_input(volume, *keys[key], normaliser) for key in missing])
             if tally:
                 tally.encode_ms += (time.perf_counter() - start) * 1000
                 tally.misses += len(missing)
@@ -195,7 +195,7 @@ class Segmenter:
         return self.zoom.crop_for(box, Fit(height, width, self.model.geometry)) if self.zoom else None
 
     def is_cached(self, volume: Volume, k: int, normaliser: Normaliser) -> bool:
-        return (volume.key, k, normaliser.id, None, self.model.cache_id) in self.cache
+        return self._key(volume, k, normaliser, None) in self.cache
 
     # ---- decoding ------------------------------------------------------------------------
     def segment_boxes(self, volume: Volume, k: int, boxes: Sequence[Box], normaliser: Normaliser,
