@@ -80,12 +80,46 @@ def test_box_prior_keeps_weak_logits_in_the_ellipse_and_nothing_outside_the_box(
     logits[0:3, 0:3] = 5.0  # confident, but outside the box
     logits[5, 10] = 1.0  # a box corner, outside the ellipse: kept only on the model's own word
     logits[6, 19] = -1.0  # a corner region outside the ellipse with a weak logit: dropped
-    out = prior.apply(logits, (10.0, 5.0, 19.0, 14.0)) > 0  # 10 x 10 box
+    shifted_logits, shifted = prior.apply(logits, (10.0, 5.0, 19.0, 14.0))  # 10 x 10 box
+    out = shifted_logits > 0
+    assert shifted  # the model's own mask (one pixel in the box) fills almost none of the ellipse
     assert out[9:11, 14:16].all()  # the centre: weak logits inside the ellipse are kept
     assert not out[0:3, 0:3].any()  # outside the box: dropped however confident
     assert out[5, 10] and not out[6, 19]
     assert out[:5].sum() == 0 and out[15:].sum() == 0 and out[:, :10].sum() == 0 and out[:, 20:].sum() == 0
     inside = out[5:15, 10:20]
     assert 70 <= inside.sum() <= 85  # about pi/4 of the box, plus the kept corner
-    assert not (prior.apply(torch.full((20, 30), -5.0), (10.0, 5.0, 19.0, 14.0)) > 0).any()  # no evidence: nothing
+    assert not (prior.apply(torch.full((20, 30), -5.0), (10.0, 5.0, 19.0, 14.0))[0] > 0).any()  # no evidence: nothing
     assert prior.applies(39.9) and not prior.applies(40.0)
+
+
+def test_box_prior_adds_nothing_once_the_model_fills_half_the_ellipse() -> None:
+    from medsam_engine.prior import BoxPrior
+
+    logits = torch.full((20, 30), -2.0)
+    logits[6:13, 11:18] = 3.0  # the model's own 7 x 7 mask: 49 px, over half the 10 x 10 box's ellipse (~79 px)
+    out, shifted = BoxPrior(fill_gate=0.5).apply(logits, (10.0, 5.0, 19.0, 14.0))
+    assert not shifted and (out > 0).sum() == 49
+    out, shifted = BoxPrior(fill_gate=0.7).apply(logits, (10.0, 5.0, 19.0, 14.0))
+    assert shifted and (out > 0).sum() > 70
+
+
+def test_loosely_drawn_small_box_keeps_the_models_mask(lite_model) -> None:
+    """An 11 px disc in a box drawn 2 px loose on every side (about 20 % of its side): the model's
+    mask fills most of the box's ellipse, so the prior adds nothing (measured DSC 0.85, 109 px for
+    81); forced, the prior keeps the background inside the ellipse (0.67, 160 px)."""
+    from medsam_engine.prior import BoxPrior
+
+    rng = np.random.default_rng(0)
+    array = rng.normal(100, 15, (1, 128, 128)).astype(np.float32)
+    yy, xx = np.mgrid[:128, :128]
+    disc = (yy - 60) ** 2 + (xx - 70) ** 2 <= 5 ** 2
+    array[0][disc] += 150
+    volume = make_volume(array, "small-disc-loose")
+    x0, y0, x1, y1 = mask_box(disc)
+    prompt = SlicePrompt([x0 - 2, y0 - 2, x1 + 2, y1 + 2], slice=0)
+    gated = Segmenter(lite_model).segment(volume, [prompt], modality="MR")
+    forced = Segmenter(lite_model, prior=BoxPrior(fill_gate=float("inf"))).segment(volume, [prompt], modality="MR")
+    assert gated.objects[0].prior_slices == 0 and forced.objects[0].prior_slices == 1
+    assert dice(gated.label[0] == 1, disc) >= 0.8 and (gated.label[0] == 1).sum() < 1.5 * disc.sum()
+    assert dice(forced.label[0] == 1, disc) < dice(gated.label[0] == 1, disc) - 0.1

@@ -235,8 +235,8 @@ class Segmenter:
             sy, sx = full_fit.scale
             for i, box in enumerate(boxes):
                 if self.prior.applies(max((box[2] - box[0] + 1) * sx, (box[3] - box[1] + 1) * sy)):
-                    logits[i] = self.prior.apply(logits[i], box)
-                    prior += 1
+                    logits[i], shifted = self.prior.apply(logits[i], box)
+                    prior += shifted
         return SliceMasks(logits, ious, sum(len(m) for c, m in groups.items() if c is not None), prior)
 
     # ---- whole requests ------------------------------------------------------------------
