@@ -33,13 +33,13 @@ def loose_tables(summary: dict, min_n: int) -> None:
     runs = summary["loose_runs"]
     levels = list(runs)
     heads = " | ".join("tight" if float(p) == 0 else f"loose {p} %" for p in levels)
-    for section in ("overall", "per_image", "per_organ"):
+    for section in ("overall", "per_image", "per_size", "per_organ"):  # per_size: each level's own box side
         print(f"| {section.replace('per_', '')} | n | {heads} | filled box ({levels[-1]} %) |")
         print("|---" * (3 + len(levels)) + "|")
         names = ["overall"] if section == "overall" else list(runs[levels[0]][section])
         for name in names:
             stats = [runs[p]["overall"] if section == "overall" else runs[p][section].get(name) for p in levels]
-            if stats[0]["model"]["n"] < min_n:
+            if any(s is None for s in stats) or stats[0]["model"]["n"] < min_n:
                 continue
             cells = [f"{s['model']['dsc_median']:.3f} ({s['model']['dsc_mean']:.3f})" for s in stats]
             print(f"| {name} | {stats[0]['model']['n']} | " + " | ".join(cells) +
