@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from medsam_engine import Segmenter, load_model  # noqa: E402
 from medsam_engine.datastore import label_names, list_cases  # noqa: E402
-from medsam_engine.dataset import index_slices, spread  # noqa: E402
+from medsam_engine.dataset import SliceSample, index_slices, spread  # noqa: E402
 from medsam_engine.geometry import mask_box  # noqa: E402
 from medsam_engine.imageio import read_image  # noqa: E402
 from medsam_engine.metrics import dsc  # noqa: E402
@@ -83,7 +83,7 @@ OTHER_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach")
 
 def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_slices: int, epochs: int,
          batch_size: int, out: Path, seed: int, all_objects: bool = False, lr: float = 1e-4,
-         encoder_lr_scale: float = 1.0, max_drop: float = 0.02) -> dict:
+         encoder_lr_scale: float = 1.0, max_drop: float = 0.02, replay: float = TrainConfig.replay) -> dict:
     cases = [c for c in list_cases(DATASTORE) if c.image_id in (train_image, eval_image)]
     ids = [c.image_id for c in cases]
     train_value, eval_value = organ_value(train_image, organ), organ_value(eval_image, organ)
@@ -121,14 +121,17 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     cfg = TrainConfig(output_dir=out / "run", publish_path=out / "model" / "medsam-lite.pt", stats_path=out / "train_stats.json",
                       max_epochs=epochs, batch_size=batch_size, lr=lr, device="cpu", publish_mode="best",
                       early_stop_patience=0, seed=seed, encoder_lr_scale=encoder_lr_scale, max_drop=max_drop,
-                      max_anchor_objects=8)
+                      max_anchor_objects=8, replay=replay)
     anchor_values = {organ_value(train_image, name) for name in OTHER_ORGANS} - {train_value}
-    anchors = [s for s in index_slices(cases, {train_image: anchor_values}, min_pixels=50)
-               if s.slice not in {k for _, ks in others.values() for k in ks}]  # not the slices evaluated below
+    scored = {(value, k + d) for value, ks in others.values() for k in ks for d in (-1, 0, 1)}
+    # anchors and replayed objects: never an organ on a slice it is scored on below, nor on a neighbour
+    anchors = [SliceSample(s.case, s.slice, kept) for s in index_slices(cases, {train_image: anchor_values}, min_pixels=50)
+               if (kept := tuple(v for v in s.values if (v, s.slice) not in scored))]
     stats = train(cfg, cases, fit, val, anchors)
     after = evaluate(load_model("medsam-lite", str(out / "run" / "checkpoint_last.pt"), device="cpu"))
     print("after", after, flush=True)
     return {"organ": organ, "all_objects": all_objects, "lr": lr, "encoder_lr_scale": encoder_lr_scale,
+            "replay": replay, "replay_objects": stats["replay_objects"],
             "jitter_model_px": cfg.jitter, "train_image": train_image, "train_slices": [s.slice for s in fit],
             "val_slices": [s.slice for s in val], "epochs": epochs, "batch_size": batch_size,
             "best_epoch": stats["best_metric_epoch"], "val_dice": {"start": stats["baseline_val_dice"],
@@ -156,6 +159,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--encoder-lr-scale", type=float, default=0.0, help="image encoder lr = lr x this (0: frozen)")
     p.add_argument("--max-drop", type=float, default=0.02, help="publish gate: largest DSC drop allowed")
+    p.add_argument("--replay", type=float, default=TrainConfig.replay,
+                   help="objects of the other organs (not anchors) replayed per training slice (0: none)")
     p.add_argument("--all-objects", action="store_true", help="train on every labelled object of the slices")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "finetune_gain")
@@ -167,7 +172,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         result = gain(args.organ, args.train_image, args.eval_image, args.train_slices, args.val_slices,
                       args.epochs, args.batch_size, args.out, args.seed, args.all_objects, args.lr,
-                      args.encoder_lr_scale, args.max_drop)
+                      args.encoder_lr_scale, args.max_drop, args.replay)
         (args.out / "gain.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
