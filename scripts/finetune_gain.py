@@ -5,9 +5,11 @@
     python scripts/finetune_gain.py gain --organ colon [--train-image ct_3mm --eval-image ct_512]
         Fine-tune on a few slices of the organ in one image (the paper's recipe, engine's trainer),
         then report DSC before and after on the image's other slices and on the other image, and
-        on other organs of the image (does the model forget them?). With --all-objects the training
-        slices teach every labelled object on them, as an annotator's full label would.
-        The other organs of the training image are the run's anchor set: the publish gate refuses
+        on other organs of the image and of ct_512 and mr_3mm (does the model forget them?). With
+        --all-objects the training slices teach every labelled object on them, as an annotator's
+        full label would. The other organs of the training image (never on or next to a slice
+        they are scored on) are the run's anchor set and its replayed objects (--replay per
+        training slice, the trainer's default; 0: none). The publish gate refuses
         an epoch that lowers them (or the organ's validation slices) by more than --max-drop; the
         result says whether it published. "after" scores the weights trained (the last epoch),
         published or not. --encoder-lr-scale 0.1 trains the image encoder at a tenth of the lr,
@@ -79,6 +81,14 @@ def summary(scores: list[float]) -> dict:
 
 
 OTHER_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach")
+UNSEEN_VOLUMES = ("ct_512", "mr_3mm")  # their other organs are never trained, replayed or anchors
+
+
+def scored_slices(image: str, value: int, skip: set[int] = frozenset()) -> list[int]:
+    """Three slices an organ is scored on (at a quarter, half and three quarters of its extent)."""
+    label = read_image(DATASTORE / "labels" / "final" / f"{image}.nii.gz").array
+    ks = [int(k) for k in np.flatnonzero((label == value).reshape(label.shape[0], -1).sum(1) >= 50) if k not in skip]
+    return [ks[len(ks) // 4], ks[len(ks) // 2], ks[3 * len(ks) // 4]]
 
 
 def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_slices: int, epochs: int,
@@ -99,12 +109,11 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     if all_objects:  # the same slices, with every object an annotator labelled on them
         everything = {(s.case, s.slice): s for s in index_slices(cases) if ids[s.case] == train_image}
         fit, val = [everything[(s.case, s.slice)] for s in fit], [everything[(s.case, s.slice)] for s in val]
-    label = read_image(DATASTORE / "labels" / "final" / f"{train_image}.nii.gz").array
-    others = {}
-    for name in OTHER_ORGANS:
-        value = organ_value(train_image, name)
-        ks = [int(k) for k in np.flatnonzero((label == value).reshape(label.shape[0], -1).sum(1) >= 50) if k not in used]
-        others[name] = (value, [ks[len(ks) // 4], ks[len(ks) // 2], ks[3 * len(ks) // 4]])
+    others = {name: (organ_value(train_image, name), scored_slices(train_image, organ_value(train_image, name), used))
+              for name in OTHER_ORGANS}
+    names = {image: set(by_value.values()) for image, by_value in label_names(DATASTORE).items()}
+    unseen = {f"{image} {name}": (image, organ_value(image, name), scored_slices(image, organ_value(image, name)))
+              for image in UNSEEN_VOLUMES if image != train_image for name in OTHER_ORGANS if name in names[image]}
 
     def evaluate(model) -> dict:
         seg = Segmenter(model)
@@ -113,7 +122,9 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
                 f"{eval_image} (other volume)": summary(slice_dsc(seg, eval_image, eval_value,
                                                                   [s.slice for s in test_other])),
                 "other organs": {name: summary(slice_dsc(seg, train_image, value, ks))["dsc_mean"]
-                                 for name, (value, ks) in others.items()}}
+                                 for name, (value, ks) in others.items()},
+                "other organs, other volumes": {key: summary(slice_dsc(seg, image, value, ks))["dsc_mean"]
+                                                for key, (image, value, ks) in unseen.items()}}
 
     start = time.time()
     before = evaluate(load_model("medsam-lite", device="cpu"))

@@ -2,7 +2,10 @@
 prompt encoder frozen, boxes from the label's objects jittered outwards by 0-5 model pixels (the
 paper's 0-20 px at 1024). The paper trains the image encoder too; here it is frozen by default
 (`encoder_lr_scale` 0): on the sample CT that kept the other organs far better for most of the gain
-(scripts/finetune_gain.py); `encoder_lr_scale` > 0 trains it at lr x that.
+(scripts/finetune_gain.py); `encoder_lr_scale` > 0 trains it at lr x that. Objects of other label
+values that are not trained on (`anchor_samples`, e.g. `main.py train --organ`'s other organs) are
+replayed: `replay` of them per training slice join the training set with their labels as targets,
+never one the publish gate validates on.
 
 One code path for one process, MONAI Label's `multi_gpu` (processes spawned by the app) and
 `torchrun` (any number of nodes): the process group comes from the environment (RANK, WORLD_SIZE,
