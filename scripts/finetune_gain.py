@@ -136,7 +136,8 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     anchor_values = {organ_value(train_image, name) for name in OTHER_ORGANS} - {train_value}
     scored = {(value, k + d) for value, ks in others.values() for k in ks for d in (-1, 0, 1)}
     # anchors and replayed objects: never an organ on a slice it is scored on below, nor on a neighbour
-    anchors = [SliceSample(s.case, s.slice, kept) for s in index_slices(cases, {train_image: anchor_values}, min_pixels=50)
+    candidates = index_slices(cases, {train_image: anchor_values}, min_pixels=50)
+    anchors = [SliceSample(s.case, s.slice, kept) for s in candidates
                if (kept := tuple(v for v in s.values if (v, s.slice) not in scored))]
     stats = train(cfg, cases, fit, val, anchors)
     after = evaluate(load_model("medsam-lite", str(out / "run" / "checkpoint_last.pt"), device="cpu"))

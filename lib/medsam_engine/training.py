@@ -500,10 +500,11 @@ def plan_samples(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequenc
     objects and the replayed objects of a run; input errors (nothing to train or validate on) are
     raised here.
 
-    Replay: `replay` x (training slices) objects of `anchor_samples` that are not anchors, as many
-    of each label value as can be and spread through its slices, join the training set with their labels as targets, so the decoder keeps seeing
-    the objects it is not fine-tuned on. None is a validation or anchor object, nor the same label
-    value on a slice next to one (neighbours look alike): the gate scores those unseen."""
+    Replay: `replay` x (training slices) objects of `anchor_samples` that are not anchors, shared
+    evenly among their label values and spread through each one's slices, join the training set
+    with their labels as targets, so the decoder keeps seeing what it is not fine-tuned on. None
+    is a validation or anchor object, nor the same label value on a slice next to one (neighbours
+    look alike): the gate scores those unseen."""
     if train_samples is None:
         samples = index_slices(cases)
         train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed, cfg.val_block)
