@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                       weight_decay=args.weight_decay, jitter=args.jitter, val_split=args.val_split,
                       max_train_slices=args.max_train_slices, max_val_slices=args.max_val_slices,
                       early_stop_patience=args.patience, precision=args.precision, publish_mode=args.publish_mode,
-                      num_workers=args.workers, seed=args.seed)
+                      num_workers=args.workers, seed=args.seed, replay=args.replay)
     stats = train_datastore(args.datastore, cfg, organs=args.organ or (), val_images=args.val_image or ())
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{stats['status']}: epochs {stats['epoch']}, validation Dice {stats['baseline_val_dice']:.4f} -> "
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-split", type=float, default=0.2, help="share of slices held back for validation")
     p.add_argument("--val-image", action="append", help="hold this image back for validation instead")
     p.add_argument("--organ", action="append", help="train on this label name only (labels.json)")
+    p.add_argument("--replay", type=float, default=2.0,
+                   help="with --organ: objects of the other labels (not anchors) replayed per training slice (0: none)")
     p.add_argument("--max-train-slices", type=int, default=0)
     p.add_argument("--max-val-slices", type=int, default=0)
     p.add_argument("--patience", type=int, default=3, help="early stopping: epochs without gain (0: off)")

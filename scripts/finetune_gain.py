@@ -5,9 +5,11 @@
     python scripts/finetune_gain.py gain --organ colon [--train-image ct_3mm --eval-image ct_512]
         Fine-tune on a few slices of the organ in one image (the paper's recipe, engine's trainer),
         then report DSC before and after on the image's other slices and on the other image, and
-        on other organs of the image (does the model forget them?). With --all-objects the training
-        slices teach every labelled object on them, as an annotator's full label would.
-        The other organs of the training image are the run's anchor set: the publish gate refuses
+        on other organs of the image and of ct_512 and mr_3mm (does the model forget them?). With
+        --all-objects the training slices teach every labelled object on them, as an annotator's
+        full label would. The other organs of the training image (never on or next to a slice
+        they are scored on) are the run's anchor set and its replayed objects (--replay per
+        training slice, the trainer's default; 0: none). The publish gate refuses
         an epoch that lowers them (or the organ's validation slices) by more than --max-drop; the
         result says whether it published. "after" scores the weights trained (the last epoch),
         published or not. --encoder-lr-scale 0.1 trains the image encoder at a tenth of the lr,
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from medsam_engine import Segmenter, load_model  # noqa: E402
 from medsam_engine.datastore import label_names, list_cases  # noqa: E402
-from medsam_engine.dataset import index_slices, spread  # noqa: E402
+from medsam_engine.dataset import SliceSample, index_slices, spread  # noqa: E402
 from medsam_engine.geometry import mask_box  # noqa: E402
 from medsam_engine.imageio import read_image  # noqa: E402
 from medsam_engine.metrics import dsc  # noqa: E402
@@ -79,11 +81,19 @@ def summary(scores: list[float]) -> dict:
 
 
 OTHER_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach")
+UNSEEN_VOLUMES = ("ct_512", "mr_3mm")  # their other organs are never trained, replayed or anchors
+
+
+def scored_slices(image: str, value: int, skip: set[int] = frozenset()) -> list[int]:
+    """Three slices an organ is scored on (at a quarter, half and three quarters of its extent)."""
+    label = read_image(DATASTORE / "labels" / "final" / f"{image}.nii.gz").array
+    ks = [int(k) for k in np.flatnonzero((label == value).reshape(label.shape[0], -1).sum(1) >= 50) if k not in skip]
+    return [ks[len(ks) // 4], ks[len(ks) // 2], ks[3 * len(ks) // 4]]
 
 
 def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_slices: int, epochs: int,
          batch_size: int, out: Path, seed: int, all_objects: bool = False, lr: float = 1e-4,
-         encoder_lr_scale: float = 1.0, max_drop: float = 0.02) -> dict:
+         encoder_lr_scale: float = 1.0, max_drop: float = 0.02, replay: float = TrainConfig.replay) -> dict:
     cases = [c for c in list_cases(DATASTORE) if c.image_id in (train_image, eval_image)]
     ids = [c.image_id for c in cases]
     train_value, eval_value = organ_value(train_image, organ), organ_value(eval_image, organ)
@@ -99,12 +109,11 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     if all_objects:  # the same slices, with every object an annotator labelled on them
         everything = {(s.case, s.slice): s for s in index_slices(cases) if ids[s.case] == train_image}
         fit, val = [everything[(s.case, s.slice)] for s in fit], [everything[(s.case, s.slice)] for s in val]
-    label = read_image(DATASTORE / "labels" / "final" / f"{train_image}.nii.gz").array
-    others = {}
-    for name in OTHER_ORGANS:
-        value = organ_value(train_image, name)
-        ks = [int(k) for k in np.flatnonzero((label == value).reshape(label.shape[0], -1).sum(1) >= 50) if k not in used]
-        others[name] = (value, [ks[len(ks) // 4], ks[len(ks) // 2], ks[3 * len(ks) // 4]])
+    others = {name: (organ_value(train_image, name), scored_slices(train_image, organ_value(train_image, name), used))
+              for name in OTHER_ORGANS}
+    names = {image: set(by_value.values()) for image, by_value in label_names(DATASTORE).items()}
+    unseen = {f"{image} {name}": (image, organ_value(image, name), scored_slices(image, organ_value(image, name)))
+              for image in UNSEEN_VOLUMES if image != train_image for name in OTHER_ORGANS if name in names[image]}
 
     def evaluate(model) -> dict:
         seg = Segmenter(model)
@@ -113,7 +122,9 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
                 f"{eval_image} (other volume)": summary(slice_dsc(seg, eval_image, eval_value,
                                                                   [s.slice for s in test_other])),
                 "other organs": {name: summary(slice_dsc(seg, train_image, value, ks))["dsc_mean"]
-                                 for name, (value, ks) in others.items()}}
+                                 for name, (value, ks) in others.items()},
+                "other organs, other volumes": {key: summary(slice_dsc(seg, image, value, ks))["dsc_mean"]
+                                                for key, (image, value, ks) in unseen.items()}}
 
     start = time.time()
     before = evaluate(load_model("medsam-lite", device="cpu"))
@@ -121,14 +132,18 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     cfg = TrainConfig(output_dir=out / "run", publish_path=out / "model" / "medsam-lite.pt", stats_path=out / "train_stats.json",
                       max_epochs=epochs, batch_size=batch_size, lr=lr, device="cpu", publish_mode="best",
                       early_stop_patience=0, seed=seed, encoder_lr_scale=encoder_lr_scale, max_drop=max_drop,
-                      max_anchor_objects=8)
+                      max_anchor_objects=8, replay=replay)
     anchor_values = {organ_value(train_image, name) for name in OTHER_ORGANS} - {train_value}
-    anchors = [s for s in index_slices(cases, {train_image: anchor_values}, min_pixels=50)
-               if s.slice not in {k for _, ks in others.values() for k in ks}]  # not the slices evaluated below
+    scored = {(value, k + d) for value, ks in others.values() for k in ks for d in (-1, 0, 1)}
+    # anchors and replayed objects: never an organ on a slice it is scored on below, nor on a neighbour
+    candidates = index_slices(cases, {train_image: anchor_values}, min_pixels=50)
+    anchors = [SliceSample(s.case, s.slice, kept) for s in candidates
+               if (kept := tuple(v for v in s.values if (v, s.slice) not in scored))]
     stats = train(cfg, cases, fit, val, anchors)
     after = evaluate(load_model("medsam-lite", str(out / "run" / "checkpoint_last.pt"), device="cpu"))
     print("after", after, flush=True)
     return {"organ": organ, "all_objects": all_objects, "lr": lr, "encoder_lr_scale": encoder_lr_scale,
+            "replay": replay, "replay_objects": stats["replay_objects"],
             "jitter_model_px": cfg.jitter, "train_image": train_image, "train_slices": [s.slice for s in fit],
             "val_slices": [s.slice for s in val], "epochs": epochs, "batch_size": batch_size,
             "best_epoch": stats["best_metric_epoch"], "val_dice": {"start": stats["baseline_val_dice"],
@@ -156,6 +171,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--encoder-lr-scale", type=float, default=0.0, help="image encoder lr = lr x this (0: frozen)")
     p.add_argument("--max-drop", type=float, default=0.02, help="publish gate: largest DSC drop allowed")
+    p.add_argument("--replay", type=float, default=TrainConfig.replay,
+                   help="objects of the other organs (not anchors) replayed per training slice (0: none)")
     p.add_argument("--all-objects", action="store_true", help="train on every labelled object of the slices")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "finetune_gain")
@@ -167,7 +184,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         result = gain(args.organ, args.train_image, args.eval_image, args.train_slices, args.val_slices,
                       args.epochs, args.batch_size, args.out, args.seed, args.all_objects, args.lr,
-                      args.encoder_lr_scale, args.max_drop)
+                      args.encoder_lr_scale, args.max_drop, args.replay)
         (args.out / "gain.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -2,7 +2,10 @@
 prompt encoder frozen, boxes from the label's objects jittered outwards by 0-5 model pixels (the
 paper's 0-20 px at 1024). The paper trains the image encoder too; here it is frozen by default
 (`encoder_lr_scale` 0): on the sample CT that kept the other organs far better for most of the gain
-(scripts/finetune_gain.py); `encoder_lr_scale` > 0 trains it at lr x that.
+(scripts/finetune_gain.py); `encoder_lr_scale` > 0 trains it at lr x that. Objects of other label
+values that are not trained on (`anchor_samples`, e.g. `main.py train --organ`'s other organs) are
+replayed: `replay` of them per training slice join the training set with their labels as targets,
+never one the publish gate validates on.
 
 One code path for one process, MONAI Label's `multi_gpu` (processes spawned by the app) and
 `torchrun` (any number of nodes): the process group comes from the environment (RANK, WORLD_SIZE,
@@ -75,6 +78,7 @@ class TrainConfig:
     max_train_slices: int = 0  # 0: all
     max_val_slices: int = 0
     max_anchor_objects: int = 24  # anchor objects validated each epoch (0: no anchor set)
+    replay: float = 2.0  # replayed objects (other labelled objects, never an anchor) per training slice; 0: none
     max_drop: float = 0.02  # publish gate: largest DSC drop of a label value or the anchor set
     early_stop_patience: int = 3  # epochs without a better validation Dice; 0: off
     precision: str = "bf16"  # autocast dtype on GPUs (CPUs train in fp32)
@@ -97,8 +101,8 @@ class TrainConfig:
             raise EngineInputError("max_epochs and batch_size must be at least 1")
         if not 0 <= self.val_split < 1:
             raise EngineInputError(f"val_split must be in [0, 1), got {self.val_split}")
-        if self.jitter < 0 or self.max_drop < 0 or self.encoder_lr_scale < 0:
-            raise EngineInputError("jitter, max_drop and encoder_lr_scale must not be negative")
+        if self.jitter < 0 or self.max_drop < 0 or self.encoder_lr_scale < 0 or self.replay < 0:
+            raise EngineInputError("jitter, max_drop, encoder_lr_scale and replay must not be negative")
 
 
 class PromptedSam(nn.Module):
@@ -466,30 +470,64 @@ def _loader(dataset: SliceDataset, cfg: TrainConfig, ctx: Distributed, train: bo
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
 
 
+def near(objects: Sequence[SliceSample], gap: int = 1) -> set[tuple[int, int, int]]:
+    """(case, slice, value) of each object and of the same label value up to `gap` slices away."""
+    return {(s.case, s.slice + d, v) for s in objects for v in s.values for d in range(-gap, gap + 1)}
+
+
+def spread_by_value(objects: Sequence[SliceSample], limit: int) -> list[SliceSample]:
+    """At most `limit` objects (one value each), shared evenly among the label values and spread
+    through each value's slices (the middle of each of equal parts): a few objects cover every organ."""
+    by_value: dict[int, list[SliceSample]] = {}
+    for s in objects:
+        by_value.setdefault(s.values[0], []).append(s)
+    shares = dict.fromkeys(by_value, 0)
+    left = min(limit, len(objects))
+    while left:
+        for value in shares:
+            if left and shares[value] < len(by_value[value]):
+                shares[value] += 1
+                left -= 1
+    return [group[int((j + 0.5) * len(group) / shares[value])]  # the middle of each of `share` equal parts
+            for value, group in by_value.items() for j in range(shares[value])]
+
+
 def plan_samples(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[SliceSample] | None = None,
                  val_samples: Sequence[SliceSample] | None = None,
                  anchor_samples: Sequence[SliceSample] = ()) -> tuple[list[SliceSample], list[SliceSample],
-                                                                      list[SliceSample]]:
-    """The training slices, the validation objects (one per label value and slice) and the anchor
-    objects of a run; input errors (nothing to train or validate on) are raised here."""
+                                                                      list[SliceSample], list[SliceSample]]:
+    """The training slices, the validation objects (one per label value and slice), the anchor
+    objects and the replayed objects of a run; input errors (nothing to train or validate on) are
+    raised here.
+
+    Replay: `replay` x (training slices) objects of `anchor_samples` that are not anchors, shared
+    evenly among their label values and spread through each one's slices, join the training set
+    with their labels as targets, so the decoder keeps seeing what it is not fine-tuned on. None
+    is a validation or anchor object, nor the same label value on a slice next to one (neighbours
+    look alike): the gate scores those unseen."""
     if train_samples is None:
         samples = index_slices(cases)
         train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed, cfg.val_block)
     train_samples = spread(train_samples, cfg.max_train_slices)
     val_objects = per_object(spread(val_samples or [], cfg.max_val_slices))
-    anchors = spread(per_object(anchor_samples), cfg.max_anchor_objects) if cfg.max_anchor_objects else []
+    candidates = per_object(anchor_samples)
+    anchors = spread(candidates, cfg.max_anchor_objects) if cfg.max_anchor_objects else []
+    held = near([*val_objects, *anchors])
+    pool = [s for s in candidates if (s.case, s.slice, s.values[0]) not in held]
+    replay = spread_by_value(pool, max(1, round(cfg.replay * len(train_samples)))) if cfg.replay else []
     if not train_samples:
         raise EngineInputError("no labelled slices to train on: save some final labels first")
     if not val_objects:
         raise EngineInputError("no validation slices: label more slices or raise val_split")
-    return train_samples, val_objects, anchors
+    return train_samples, val_objects, anchors, replay
 
 
 def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[SliceSample] | None = None,
           val_samples: Sequence[SliceSample] | None = None, anchor_samples: Sequence[SliceSample] = ()
           ) -> dict[str, Any]:
     """Fine-tune on `cases` (or the given samples); returns the run's stats (also written to
-    cfg.stats_path). `anchor_samples`: objects not trained on, which must not be forgotten. Under
+    cfg.stats_path). `anchor_samples`: objects not trained on, which must not be forgotten (the
+    anchor set, and the objects replayed: see plan_samples). Under
     a process group every rank calls this with the same arguments."""
     from ignite.engine import Events
     from ignite.handlers import EarlyStopping
@@ -499,7 +537,8 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
 
     ctx, device = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    train_samples, val_objects, anchors = plan_samples(cfg, cases, train_samples, val_samples, anchor_samples)
+    train_samples, val_objects, anchors, replay = plan_samples(cfg, cases, train_samples, val_samples,
+                                                               anchor_samples)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_model(cfg.model, cfg.checkpoint, str(device))
@@ -527,12 +566,13 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     if anchors:
         names.append(ANCHOR)
         groups += [len(names) - 1] * len(anchors)
-    train_ds = SliceDataset(cases, train_samples, segmenter, train=True, jitter=cfg.jitter, seed=cfg.seed + ctx.rank)
+    train_ds = SliceDataset(cases, [*train_samples, *replay], segmenter, train=True, jitter=cfg.jitter,
+                            seed=cfg.seed + ctx.rank)
     val_ds = SliceDataset(cases, [*val_objects, *anchors], segmenter, train=False, groups=groups)
     events_dir = str(cfg.output_dir / "events")
     info = {"device": str(device), "autocast": str(dtype).replace("torch.", "") if dtype else None,
             "train_slices": len(train_samples), "val_slices": len({(s.case, s.slice) for s in val_objects}),
-            "val_objects": len(val_objects), "anchor_objects": len(anchors),
+            "val_objects": len(val_objects), "anchor_objects": len(anchors), "replay_objects": len(replay),
             "trainable_parameters": sum(p.numel() for p in params)}
 
     group_dice = GroupDice(names, device)
@@ -565,8 +605,9 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
             patience=cfg.early_stop_patience, score_function=lambda engine: engine.state.metrics["val_dice"],
             trainer=trainer))
 
-    logger.info("rank %d/%d on %s: %d training slices, %d validation objects, %d anchor objects, start weights %s",
-                ctx.rank, ctx.world_size, device, len(train_samples), len(val_objects), len(anchors), model.version)
+    logger.info("rank %d/%d on %s: %d training slices, %d replayed objects, %d validation objects, %d anchor objects, "
+                "start weights %s", ctx.rank, ctx.world_size, device, len(train_samples), len(replay), len(val_objects),
+                len(anchors), model.version)
     try:
         trainer.run()
     except BaseException:
