@@ -62,7 +62,7 @@ class SliceMasks:
     logits: torch.Tensor  # (N, H, W)
     iou: list[float]
     zoomed: int
-    prior: int = 0  # boxes given the small-box prior
+    prior: int = 0  # boxes whose logits the small-box prior shifted (see BoxPrior)
 
     @property
     def masks(self) -> np.ndarray:
