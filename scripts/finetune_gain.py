@@ -21,6 +21,7 @@ Prints JSON (also written to --out/gain.json). CPU is fine for LiteMedSAM (minut
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -47,10 +48,16 @@ def organ_value(image: str, organ: str) -> int:
     return next(v for v, name in label_names(DATASTORE)[image].items() if name == organ)
 
 
+@functools.cache
+def final_label(image: str) -> np.ndarray:
+    """The final label volume of a sample image (read once)."""
+    return read_image(DATASTORE / "labels" / "final" / f"{image}.nii.gz").array
+
+
 def slice_dsc(segmenter: Segmenter, image: str, value: int, slices: list[int]) -> list[float]:
     """DSC of the organ on each slice, prompted with its exact bounding box (as the app's tests)."""
     volume = read_image(DATASTORE / f"{image}.nii.gz")
-    label = read_image(DATASTORE / "labels" / "final" / f"{image}.nii.gz").array
+    label = final_label(image)
     modality = segmenter.modality_of(volume)
     scores = []
     for k in slices:
@@ -63,7 +70,7 @@ def slice_dsc(segmenter: Segmenter, image: str, value: int, slices: list[int]) -
 
 def survey(image: str) -> list[dict]:
     segmenter = Segmenter(load_model("medsam-lite", device="cpu"))
-    label = read_image(DATASTORE / "labels" / "final" / f"{image}.nii.gz").array
+    label = final_label(image)
     rows = []
     for value, name in sorted(label_names(DATASTORE)[image].items()):
         on = np.flatnonzero((label == value).any(axis=(1, 2)))
@@ -86,7 +93,7 @@ UNSEEN_VOLUMES = ("ct_512", "mr_3mm")  # their other organs are never trained, r
 
 def scored_slices(image: str, value: int, skip: set[int] = frozenset()) -> list[int]:
     """Three slices an organ is scored on (at a quarter, half and three quarters of its extent)."""
-    label = read_image(DATASTORE / "labels" / "final" / f"{image}.nii.gz").array
+    label = final_label(image)
     ks = [int(k) for k in np.flatnonzero((label == value).reshape(label.shape[0], -1).sum(1) >= 50) if k not in skip]
     return [ks[len(ks) // 4], ks[len(ks) // 2], ks[3 * len(ks) // 4]]
 

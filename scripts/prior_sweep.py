@@ -49,7 +49,7 @@ def sweep(datastore: Path, every: int, offset: int, loose: list[float], gates: l
                 box = loose_box(tight, p, rngs[p], height, width)
                 norm = seg.normaliser(volume, modality, None, box, k)
                 raw = seg.segment_boxes(volume, k, [box], norm, tight=False).logits[0]
-                side = max((box[2] - box[0] + 1) * fit.scale[1], (box[3] - box[1] + 1) * fit.scale[0])
+                side = fit.box_side(box)
                 for rule, prior in rules.items():
                     logits = prior.apply(raw, box)[0] if prior is not None and prior.applies(side) else raw
                     scores[rule][f"{p:g}"].append(dsc((logits > 0).numpy(), gt))

@@ -82,7 +82,7 @@ def _eval_2d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator
             zoomed = [seg.zoom.crop_for(m[2], fit) is not None if seg.zoom else False for m in members]
             for (value, gt, box, _), pred, was_zoomed in zip(members, result.masks, zoomed):
                 base = filled_box(gt.shape, box)
-                side = max((box[2] - box[0] + 1) * fit.scale[1], (box[3] - box[1] + 1) * fit.scale[0])
+                side = fit.box_side(box)
                 yield {"image": case.image_id, "label": value, "slice": k, "dsc": dsc(pred, gt), "nsd": nsd(pred, gt),
                        "box_dsc": dsc(base, gt), "box_nsd": nsd(base, gt), "box_side_model_px": round(side, 1),
                        "zoomed": int(was_zoomed)}
@@ -119,7 +119,7 @@ def _eval_3d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator
         result = seg.segment(volume, [Box3DPrompt(box, int(slices[0]), int(slices[-1]))])
         base = np.zeros_like(gt)
         base[slices[0]:slices[-1] + 1] = filled_box(gt.shape[1:], box)
-        side = max((box[2] - box[0] + 1) * fit.scale[1], (box[3] - box[1] + 1) * fit.scale[0])
+        side = fit.box_side(box)
         yield _object_row(case, value, volume, gt, result.label > 0, base, side, result.objects[0].zoomed_slices > 0)
 
 
@@ -147,7 +147,7 @@ def segment_keys(seg: Segmenter, case: Case, volume: Volume, value: int, gt: np.
     base = np.zeros_like(gt)
     for k, box in interpolate_boxes(boxes).items():
         base[k] = filled_box(gt.shape[1:], box)
-    side = max(max((b[2] - b[0] + 1) * fit.scale[1], (b[3] - b[1] + 1) * fit.scale[0]) for b in boxes.values())
+    side = max(fit.box_side(b) for b in boxes.values())
     pred = result.label > 0
     return _object_row(case, value, volume, gt, pred, base, side, result.objects[0].zoomed_slices > 0), pred
 

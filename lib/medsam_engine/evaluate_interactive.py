@@ -61,7 +61,7 @@ def _eval_case(seg: Segmenter, volume: Volume, label: np.ndarray, image: str, lo
         for pct in loose:
             box = loose_box(tight, pct, rngs[pct], height, width)
             base = filled_box(gt.shape, box)
-            side = max((box[2] - box[0] + 1) * fit.scale[1], (box[3] - box[1] + 1) * fit.scale[0])
+            side = fit.box_side(box)
             row = {"image": image, "label": value, "slice": k, "loose": pct, "box_dsc": dsc(base, gt),
                    "box_nsd": nsd(base, gt), "box_side_model_px": round(side, 1)}
             for method in methods if clicks else ("",):

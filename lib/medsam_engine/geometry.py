@@ -69,6 +69,11 @@ class Fit:
         sy, sx = self.scale
         return int(round(self.height * sy)), int(round(self.width * sx))
 
+    def box_side(self, box: Box) -> float:
+        """The longest side of a slice box ([x0, y0, x1, y1], ends inclusive) at the model input, in model px."""
+        sy, sx = self.scale
+        return max((box[2] - box[0] + 1) * sx, (box[3] - box[1] + 1) * sy)
+
     def box_to_model(self, boxes: np.ndarray) -> np.ndarray:
         """(N, 4) slice boxes -> model-input boxes."""
         sy, sx = self.scale

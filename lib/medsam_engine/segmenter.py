@@ -232,9 +232,8 @@ class Segmenter:
                 tally.decode_ms += (time.perf_counter() - start) * 1000
         prior = 0
         if tight and self.prior:
-            sy, sx = full_fit.scale
             for i, box in enumerate(boxes):
-                if self.prior.applies(max((box[2] - box[0] + 1) * sx, (box[3] - box[1] + 1) * sy)):
+                if self.prior.applies(full_fit.box_side(box)):
                     logits[i], shifted = self.prior.apply(logits[i], box)
                     prior += shifted
         return SliceMasks(logits, ious, sum(len(m) for c, m in groups.items() if c is not None), prior)

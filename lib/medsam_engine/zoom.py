@@ -37,9 +37,8 @@ class ZoomRule:
 
     def crop_for(self, box: Box, fit: Fit) -> Crop | None:
         """The tile to segment `box` in, or None to use the whole slice."""
-        sy, sx = fit.scale
         width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
-        side = max(width * sx, height * sy)
+        side = fit.box_side(box)
         if side >= self.max_side:
             return None
         for factor in sorted(self.factors, reverse=True):
