@@ -75,6 +75,18 @@ def test_middle_seed_walks_out_from_the_middle_and_stops_at_empty_slices() -> No
     assert 19 not in {k for k, _ in decode.calls} and 1 not in masks  # the distractors are never reached
 
 
+@pytest.mark.parametrize("rule", [PropagationRule(), MIDDLE])
+def test_an_explicit_seed_starts_the_walk_there(rule: PropagationRule) -> None:
+    decode = ThresholdDecoder(VOLUME)
+    masks, _ = propagate(decode, BOX, 4, 16, rule, seed=6)
+    walked = [k for k, boxes in decode.calls if boxes[0] != BOX]  # slices decoded with a propagated box
+    assert walked[0] == 7 and walked.index(5) == len(range(7, 17))  # up from 6 first, then down from 5
+    for k in range(4, 17):
+        np.testing.assert_array_equal(masks[k], TRUTH[k], err_msg=f"slice {k}")
+    with pytest.raises(ValueError, match="outside"):
+        propagate(ThresholdDecoder(VOLUME), BOX, 4, 16, rule, seed=17)
+
+
 def test_propagation_boxes_follow_the_previous_mask_inside_the_given_box() -> None:
     decode = ThresholdDecoder(VOLUME)
     propagate(decode, BOX, 0, 20, MIDDLE)

@@ -17,13 +17,13 @@ Masks = dict[int, np.ndarray]
 Ious = dict[int, float]
 
 
-def _grow(box: Box, bound: Box, margin: float) -> Box:
+def grow_box(box: Box, bound: Box, margin: float) -> Box:
     """Box enlarged by `margin` pixels on every side, kept inside `bound`."""
     return (max(box[0] - margin, bound[0]), max(box[1] - margin, bound[1]),
             min(box[2] + margin, bound[2]), min(box[3] + margin, bound[3]))
 
 
-def _inside(mask: np.ndarray, box: Box) -> np.ndarray:
+def inside(mask: np.ndarray, box: Box) -> np.ndarray:
     """The mask with everything outside `box` (inclusive pixel bounds) removed."""
     kept = np.zeros_like(mask)
     x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
@@ -74,7 +74,7 @@ def _walk(decode: SliceDecoder, start_mask: np.ndarray, slices: range, bound: Bo
         found = mask_box(previous)
         if found is None:
             return
-        box = _grow(found, bound, margin)
+        box = grow_box(found, bound, margin)
         if box[2] - box[0] < 1 or box[3] - box[1] < 1:
             return
         boxes = [box]
@@ -84,32 +84,38 @@ def _walk(decode: SliceDecoder, start_mask: np.ndarray, slices: range, bound: Bo
         if given is not None and k not in known:
             known[k] = decoded[1]
         proposals = [decoded[0]] + ([known[k]] if given is not None else [])
-        scores = [dsc(_inside(m, bound), previous) for m, _ in proposals]
+        scores = [dsc(inside(m, bound), previous) for m, _ in proposals]
         best = int(np.argmax(scores))
-        masks[k], ious[k] = _inside(proposals[best][0], bound), proposals[best][1]
+        masks[k], ious[k] = inside(proposals[best][0], bound), proposals[best][1]
         previous = masks[k]
 
 
+def fill_score(mask: np.ndarray, iou: float, box: Box) -> float:
+    """How well a given-box mask fills its box: box IoU of the mask's bounding box with `box`, times
+    the predicted IoU (0 for an empty mask)."""
+    found = mask_box(mask)
+    return 0.0 if found is None else _box_iou(found, box) * iou
+
+
 def propagate(decode: SliceDecoder, box: Box, first: int, last: int,
-              rule: PropagationRule = PropagationRule()) -> tuple[Masks, Ious]:
-    """Segment a seed slice of [first, last] with `box`, then walk up and down (see PropagationRule).
-    Masks never leave `box`."""
+              rule: PropagationRule = PropagationRule(), seed: int | None = None) -> tuple[Masks, Ious]:
+    """Segment a seed slice of [first, last] with `box` (the rule's choice, or `seed`), then walk up
+    and down (see PropagationRule). Masks never leave `box`."""
     known: dict[int, tuple[np.ndarray, float]] = {}
     middle = (first + last) // 2
     if rule.seed == "fill":
         for k in range(first, last + 1):
             known[k] = decode(k, [box], False)[0]
-
-        def fill(k: int) -> float:
-            found = mask_box(known[k][0])
-            return 0.0 if found is None else _box_iou(found, box) * known[k][1]
-        seed = max(range(first, last + 1), key=lambda k: (fill(k), -abs(k - middle)))
+        if seed is None:
+            seed = max(range(first, last + 1), key=lambda k: (fill_score(*known[k], box), -abs(k - middle)))
     elif rule.seed == "middle":
-        seed = middle
+        seed = middle if seed is None else seed
         known[seed] = decode(seed, [box], False)[0]
     else:
         raise ValueError(f"unknown seed rule {rule.seed!r}")
-    masks: Masks = {seed: _inside(known[seed][0], box)}
+    if not first <= seed <= last:
+        raise ValueError(f"seed slice {seed} is outside {first}..{last}")
+    masks: Masks = {seed: inside(known[seed][0], box)}
     ious: Ious = {seed: known[seed][1]}
     given = box if rule.given_box_proposal else None
     _walk(decode, masks[seed], range(seed + 1, last + 1), box, rule, given, masks, ious, known)

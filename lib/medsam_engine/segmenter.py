@@ -281,7 +281,7 @@ class Segmenter:
             first, last = sorted((_check_slice(prompt.first, volume), _check_slice(prompt.last, volume)))
             box, clipped = check_box(prompt.box, height, width)
             norm = self.normaliser(volume, modality, window, box, (first + last) // 2)
-            decode, state = self._slice_decoder(volume, norm, tally)
+            decode, state = self.slice_decoder(volume, norm, tally)
             if self.propagation.decodes_given_box_everywhere:
                 crop = self.crop_for(box, height, width)
                 self.encode_ahead(volume, [(k, crop) for k in range(first, last + 1)], norm, tally)
@@ -295,7 +295,7 @@ class Segmenter:
                 checked[_check_slice(k, volume)], was_clipped = check_box(b, height, width)
                 clipped |= was_clipped
             norm = self.normaliser_over(volume, modality, window, sorted(checked.items()))
-            decode, state = self._slice_decoder(volume, norm, tally)
+            decode, state = self.slice_decoder(volume, norm, tally)
             boxes = interpolate_boxes(checked)
             self.encode_ahead(volume, [(k, self.crop_for(b, height, width)) for k, b in boxes.items()], norm, tally)
             masks, ious = {}, {}
@@ -308,7 +308,7 @@ class Segmenter:
         return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"],
                             state["prior"], state["decoded"])
 
-    def _slice_decoder(self, volume: Volume, norm: Normaliser, tally: _Tally) -> tuple[SliceDecoder, dict[str, int]]:
+    def slice_decoder(self, volume: Volume, norm: Normaliser, tally: _Tally | None = None) -> tuple[SliceDecoder, dict[str, int]]:
         """The per-slice decoder that 3D propagation calls, and its counts."""
         state = {"zoomed": 0, "prior": 0, "decoded": 0}
 
