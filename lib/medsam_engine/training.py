@@ -5,10 +5,11 @@ paper's 0-20 px at 1024). The paper trains the image encoder too; here it is fro
 (scripts/finetune_gain.py); `encoder_lr_scale` > 0 trains it at lr x that. Objects of other label
 values that are not trained on (`anchor_samples`, e.g. `main.py train --organ`'s other organs) are
 replayed: `replay` of them per training slice join the training set with their labels as targets,
-never one the publish gate validates on. With `distill` > 0 the decoder is also distilled towards
-the starting (served) model's own masks: on the exact boxes of other labelled objects of each
-training slice (none trained on, none the gate scores), the frozen starting decoder's mask
-probabilities are the targets (see Distilled).
+never one the publish gate validates on. The decoder is also distilled towards the starting
+(served) model's own masks (weight `distill`, default 50; 0: off): on the exact boxes of other
+labelled objects of each training slice (none trained on, none the gate scores), the frozen
+starting model's mask probabilities are the targets (see Distilled). Replay and distillation
+together kept every other organ within 2 points on the sample data (scripts/finetune_gain.py).
 
 One code path for one process, MONAI Label's `multi_gpu` (processes spawned by the app) and
 `torchrun` (any number of nodes): the process group comes from the environment (RANK, WORLD_SIZE,
@@ -85,7 +86,7 @@ class TrainConfig:
     max_val_slices: int = 0
     max_anchor_objects: int = 24  # anchor objects validated each epoch (0: no anchor set)
     replay: float = 2.0  # replayed objects (other labelled objects, never an anchor) per training slice; 0: none
-    distill: float = 0.0  # weight of the distillation loss towards the starting decoder's masks; 0: off
+    distill: float = 50.0  # weight of the distillation loss towards the starting model's masks; 0: off
     max_drop: float = 0.02  # publish gate: largest DSC drop of a label value or the anchor set
     early_stop_patience: int = 3  # epochs without a better validation Dice; 0: off
     precision: str = "bf16"  # autocast dtype on GPUs (CPUs train in fp32)
@@ -110,9 +111,6 @@ class TrainConfig:
             raise EngineInputError(f"val_split must be in [0, 1), got {self.val_split}")
         if min(self.jitter, self.max_drop, self.encoder_lr_scale, self.replay, self.distill) < 0:
             raise EngineInputError("jitter, max_drop, encoder_lr_scale, replay and distill must not be negative")
-        if self.distill and self.encoder_lr_scale:
-            raise EngineInputError("distill needs the image encoder frozen (encoder_lr_scale 0): the teacher "
-                                   "decodes the student's image embedding")
 
 
 class PromptedSam(nn.Module):
@@ -164,17 +162,23 @@ class PromptedSam(nn.Module):
 class Distilled(nn.Module):
     """The training network with distillation: PromptedSam's (logits, iou) for each image's box,
     then, for its real extra boxes ("distill_box" where "distill_valid"), the student's mask logits
-    and the teacher's (the starting mask decoder, a frozen copy), both decoded from the one image
-    embedding (the image encoder is frozen, so the teacher's own embedding is the same)."""
+    and the teacher's (the starting mask decoder, a frozen copy). With the image encoder frozen
+    (the default) both decode the one image embedding; an encoder that trains gets a frozen copy
+    for the teacher's own embedding."""
 
     def __init__(self, student: PromptedSam) -> None:
         super().__init__()
         self.student = student
         self.teacher = copy.deepcopy(student.net.mask_decoder).requires_grad_(False)
+        encoder = student.net.image_encoder
+        self.teacher_encoder = (copy.deepcopy(encoder).requires_grad_(False)
+                                if any(p.requires_grad for p in encoder.parameters()) else None)
 
     def train(self, mode: bool = True) -> "Distilled":
         super().train(mode)
         self.teacher.eval()
+        if self.teacher_encoder is not None:
+            self.teacher_encoder.eval()
         return self
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor, extra: torch.Tensor, valid: torch.Tensor
@@ -187,7 +191,8 @@ class Distilled(nn.Module):
             return logits, iou, logits[:0], logits[:0].detach()
         student = self.student.decode(embeddings[owner], extra)[0]
         with torch.no_grad():
-            teacher = self.student.decode(embeddings[owner], extra, self.teacher)[0]
+            own = embeddings if self.teacher_encoder is None else self.teacher_encoder(images)
+            teacher = self.student.decode(own[owner], extra, self.teacher)[0]
         return logits, iou, student, teacher
 
 
