@@ -605,6 +605,8 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     torch.manual_seed(cfg.seed)
     train_samples, val_objects, anchors, replay = plan_samples(cfg, cases, train_samples, val_samples,
                                                                anchor_samples)
+    kept_off = near([*val_objects, *anchors]) | {(s.case, s.slice, s.values[0]) for s in replay} | set(keep_off)
+    distilled = distill_objects(cases, train_samples, kept_off) if cfg.distill else {}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_model(cfg.model, cfg.checkpoint, str(device))
@@ -614,7 +616,7 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     if cfg.encoder_lr_scale == 0:  # a frozen image encoder: only the mask decoder learns
         for p in net.net.image_encoder.parameters():
             p.requires_grad_(False)
-    trained: nn.Module = Distilled(net) if cfg.distill else net
+    trained: nn.Module = Distilled(net) if distilled else net  # nothing to distill on: no teacher
     if ctx.enabled:
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -632,16 +634,14 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     if anchors:
         names.append(ANCHOR)
         groups += [len(names) - 1] * len(anchors)
-    kept_off = near([*val_objects, *anchors]) | {(s.case, s.slice, s.values[0]) for s in replay} | set(keep_off)
-    distilled = distill_objects(cases, train_samples, kept_off) if cfg.distill else None
     train_ds = SliceDataset(cases, [*train_samples, *replay], segmenter, train=True, jitter=cfg.jitter,
-                            seed=cfg.seed + ctx.rank, distill=distilled)
+                            seed=cfg.seed + ctx.rank, distill=distilled or None)
     val_ds = SliceDataset(cases, [*val_objects, *anchors], segmenter, train=False, groups=groups)
     events_dir = str(cfg.output_dir / "events")
     info = {"device": str(device), "autocast": str(dtype).replace("torch.", "") if dtype else None,
             "train_slices": len(train_samples), "val_slices": len({(s.case, s.slice) for s in val_objects}),
             "val_objects": len(val_objects), "anchor_objects": len(anchors), "replay_objects": len(replay),
-            "distill_objects": sum(len(v) for v in (distilled or {}).values()),
+            "distill_objects": sum(len(v) for v in distilled.values()),
             "trainable_parameters": sum(p.numel() for p in params)}
 
     group_dice = GroupDice(names, device)
