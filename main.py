@@ -102,7 +102,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                       weight_decay=args.weight_decay, jitter=args.jitter, val_split=args.val_split,
                       max_train_slices=args.max_train_slices, max_val_slices=args.max_val_slices,
                       early_stop_patience=args.patience, precision=args.precision, publish_mode=args.publish_mode,
-                      num_workers=args.workers, seed=args.seed, replay=args.replay)
+                      num_workers=args.workers, seed=args.seed, replay=args.replay,
+                      distill=args.distill)
     stats = train_datastore(args.datastore, cfg, organs=args.organ or (), val_images=args.val_image or ())
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{stats['status']}: epochs {stats['epoch']}, validation Dice {stats['baseline_val_dice']:.4f} -> "
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--organ", action="append", help="train on this label name only (labels.json)")
     p.add_argument("--replay", type=float, default=2.0,
                    help="with --organ: objects of the other labels (not anchors) replayed per training slice (0: none)")
+    p.add_argument("--distill", type=float, default=50.0,
+                   help="with --organ: weight of distillation towards the served model's masks on the other labels' "
+                        "objects of the training slices (0: off)")
     p.add_argument("--max-train-slices", type=int, default=0)
     p.add_argument("--max-val-slices", type=int, default=0)
     p.add_argument("--patience", type=int, default=3, help="early stopping: epochs without gain (0: off)")

@@ -9,7 +9,9 @@
         --all-objects the training slices teach every labelled object on them, as an annotator's
         full label would. The other organs of the training image (never on or next to a slice
         they are scored on) are the run's anchor set and its replayed objects (--replay per
-        training slice, the trainer's default; 0: none). The publish gate refuses
+        training slice, the trainer's default; 0: none). --distill W adds distillation towards
+        the starting model's masks on the training slices' other labelled objects (weight W; 0,
+        the default: off). The publish gate refuses
         an epoch that lowers them (or the organ's validation slices) by more than --max-drop; the
         result says whether it published. "after" scores the weights trained (the last epoch),
         published or not. --encoder-lr-scale 0.1 trains the image encoder at a tenth of the lr,
@@ -100,7 +102,8 @@ def scored_slices(image: str, value: int, skip: set[int] = frozenset()) -> list[
 
 def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_slices: int, epochs: int,
          batch_size: int, out: Path, seed: int, all_objects: bool = False, lr: float = 1e-4,
-         encoder_lr_scale: float = 1.0, max_drop: float = 0.02, replay: float = TrainConfig.replay) -> dict:
+         encoder_lr_scale: float = 1.0, max_drop: float = 0.02, replay: float = TrainConfig.replay,
+         distill: float = TrainConfig.distill) -> dict:
     cases = [c for c in list_cases(DATASTORE) if c.image_id in (train_image, eval_image)]
     ids = [c.image_id for c in cases]
     train_value, eval_value = organ_value(train_image, organ), organ_value(eval_image, organ)
@@ -139,18 +142,20 @@ def gain(organ: str, train_image: str, eval_image: str, train_slices: int, val_s
     cfg = TrainConfig(output_dir=out / "run", publish_path=out / "model" / "medsam-lite.pt", stats_path=out / "train_stats.json",
                       max_epochs=epochs, batch_size=batch_size, lr=lr, device="cpu", publish_mode="best",
                       early_stop_patience=0, seed=seed, encoder_lr_scale=encoder_lr_scale, max_drop=max_drop,
-                      max_anchor_objects=8, replay=replay)
+                      max_anchor_objects=8, replay=replay, distill=distill)
     anchor_values = {organ_value(train_image, name) for name in OTHER_ORGANS} - {train_value}
     scored = {(value, k + d) for value, ks in others.values() for k in ks for d in (-1, 0, 1)}
-    # anchors and replayed objects: never an organ on a slice it is scored on below, nor on a neighbour
+    # anchors, replayed and distilled objects: never an organ on a slice it is scored on below, nor on a neighbour
     candidates = index_slices(cases, {train_image: anchor_values}, min_pixels=50)
     anchors = [SliceSample(s.case, s.slice, kept) for s in candidates
                if (kept := tuple(v for v in s.values if (v, s.slice) not in scored))]
-    stats = train(cfg, cases, fit, val, anchors)
+    keep_off = {(ids.index(train_image), k, value) for value, k in scored}
+    stats = train(cfg, cases, fit, val, anchors, keep_off)
     after = evaluate(load_model("medsam-lite", str(out / "run" / "checkpoint_last.pt"), device="cpu"))
     print("after", after, flush=True)
     return {"organ": organ, "all_objects": all_objects, "lr": lr, "encoder_lr_scale": encoder_lr_scale,
             "replay": replay, "replay_objects": stats["replay_objects"],
+            "distill": distill, "distill_objects": stats["distill_objects"],
             "jitter_model_px": cfg.jitter, "train_image": train_image, "train_slices": [s.slice for s in fit],
             "val_slices": [s.slice for s in val], "epochs": epochs, "batch_size": batch_size,
             "best_epoch": stats["best_metric_epoch"], "val_dice": {"start": stats["baseline_val_dice"],
@@ -180,6 +185,8 @@ def main() -> None:
     p.add_argument("--max-drop", type=float, default=0.02, help="publish gate: largest DSC drop allowed")
     p.add_argument("--replay", type=float, default=TrainConfig.replay,
                    help="objects of the other organs (not anchors) replayed per training slice (0: none)")
+    p.add_argument("--distill", type=float, default=TrainConfig.distill,
+                   help="weight of distillation towards the starting model's masks on other objects (0: off)")
     p.add_argument("--all-objects", action="store_true", help="train on every labelled object of the slices")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "finetune_gain")
@@ -191,7 +198,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         result = gain(args.organ, args.train_image, args.eval_image, args.train_slices, args.val_slices,
                       args.epochs, args.batch_size, args.out, args.seed, args.all_objects, args.lr,
-                      args.encoder_lr_scale, args.max_drop, args.replay)
+                      args.encoder_lr_scale, args.max_drop, args.replay, args.distill)
         (args.out / "gain.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -22,6 +22,9 @@ from .errors import EngineInputError
 from .geometry import Box, Fit, mask_box
 from .imageio import Volume, read_image
 from .segmenter import Segmenter
+from .zoom import Crop
+
+DISTILL_BOXES = 4  # other objects of a training slice distilled on per draw (see SliceDataset)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,23 @@ def spread(samples: Sequence[SliceSample], limit: int | None) -> list[SliceSampl
     return [samples[i] for i in picks]
 
 
+def distill_objects(cases: Sequence[Case], samples: Sequence[SliceSample],
+                    skip: set[tuple[int, int, int]] = frozenset()) -> dict[tuple[int, int], tuple[int, ...]]:
+    """For each slice of `samples`, (case, slice) -> the label values of its other labelled objects:
+    none that `samples` trains on in that case, none in `skip` ((case, slice, value), e.g. the
+    gate's objects and their neighbours). Only the label files of the samples' cases are read."""
+    used = sorted({s.case for s in samples})
+    trained = {(s.case, v) for s in samples for v in s.values}
+    slices = {(s.case, s.slice) for s in samples}
+    found: dict[tuple[int, int], tuple[int, ...]] = {}
+    for s in index_slices([cases[i] for i in used]):
+        case = used[s.case]
+        values = tuple(v for v in s.values if (case, v) not in trained and (case, s.slice, v) not in skip)
+        if (case, s.slice) in slices and values:
+            found[(case, s.slice)] = values
+    return found
+
+
 def expand_box(box: Box, max_shift: float | tuple[float, float], rng: random.Random, height: int, width: int) -> Box:
     """Move each edge outwards by 0..max_shift pixels (x, y may differ: (sx, sy)), clipped to the slice.
 
@@ -136,11 +156,15 @@ class SliceDataset(Dataset):
     *model* pixels (the paper's 0-20 px at 1024 are 0-5 at LiteMedSAM's 256; seeded per draw);
     validation (`train=False`) takes the slice's first object (see `per_object`) and its exact box,
     so every epoch is scored on the same task. `groups` (one int per sample) comes back as "group".
+    With `distill` ((case, slice) -> label values, see distill_objects) a training sample also
+    holds the exact boxes of up to DISTILL_BOXES of those objects of its slice (drawn at random,
+    none of the sample's own values) as "distill_box" (DISTILL_BOXES, 4), "distill_valid" the real ones.
     """
 
     def __init__(self, cases: Sequence[Case], samples: Sequence[SliceSample], segmenter: Segmenter,
                  train: bool, jitter: float = 5, seed: int = 0, cache_volumes: int = 2,
-                 groups: Sequence[int] | None = None) -> None:
+                 groups: Sequence[int] | None = None,
+                 distill: dict[tuple[int, int], tuple[int, ...]] | None = None) -> None:
         self.cases = list(cases)
         self.samples = list(samples)
         self.segmenter = segmenter
@@ -150,6 +174,7 @@ class SliceDataset(Dataset):
         self.jitter = jitter if train else 0
         self.seed = seed
         self.groups = list(groups) if groups is not None else [0] * len(self.samples)
+        self.distill = distill if train else None
         self.draws = 0
         self.cache_volumes = cache_volumes
         self._volumes: OrderedDict[int, tuple[Volume, np.ndarray]] = OrderedDict()
@@ -185,16 +210,21 @@ class SliceDataset(Dataset):
         height, width = volume.slice_shape
         sy, sx = Fit(height, width, self.geometry).scale  # model pixels per slice pixel
         box = expand_box(mask_box(truth), (self.jitter / sx, self.jitter / sy), rng, height, width)  # type: ignore[arg-type]
-        item = prepare_sample(self.segmenter, volume, sample.slice, truth, box, self.low_res)
+        extra = None
+        if self.distill is not None:
+            others = [v for v in self.distill.get((sample.case, sample.slice), ()) if v not in sample.values]
+            extra = [mask_box(label[sample.slice] == v) for v in rng.sample(others, min(len(others), DISTILL_BOXES))]
+        item = prepare_sample(self.segmenter, volume, sample.slice, truth, box, self.low_res, extra)
         item["group"] = torch.tensor(self.groups[index])
         return item
 
 
 def prepare_sample(segmenter: Segmenter, volume: Volume, k: int, truth: np.ndarray, box: Box,
-                   low_res: int) -> dict[str, torch.Tensor]:
+                   low_res: int, extra: Sequence[Box] | None = None) -> dict[str, torch.Tensor]:
     """Slice k as the model sees it at inference (modality, normaliser, fit, and the zoomed tile
     for a small box), its target mask at the decoder's output resolution over the model input, and
-    the box in model pixels."""
+    the box in model pixels; with `extra` (slice boxes) also those boxes on the same input
+    (see model_boxes)."""
     modality = segmenter.modality_of(volume)
     normaliser = segmenter.normaliser(volume, modality, None, box, k)
     fit = Fit(*volume.slice_shape, segmenter.model.geometry)
@@ -207,4 +237,20 @@ def prepare_sample(segmenter: Segmenter, volume: Volume, k: int, truth: np.ndarr
     mask = fit.image_to_model(truth[..., None].astype(np.float32))
     target = (F.interpolate(mask, size=(low_res, low_res), mode="area") > 0.5).float()[0]
     model_box = torch.from_numpy(fit.box_to_model(np.array([box]))[0]).float()
-    return {"image": image, "label": target, "box": model_box}
+    item = {"image": image, "label": target, "box": model_box}
+    if extra is not None:
+        item["distill_box"], item["distill_valid"] = model_boxes(extra, fit, crop)
+    return item
+
+
+def model_boxes(boxes: Sequence[Box], fit: Fit, crop: Crop | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice boxes on the model input of `fit` (over `crop`'s tile, clipped to it), padded with
+    zeros to DISTILL_BOXES: (DISTILL_BOXES, 4) model pixels, and which are real boxes with area."""
+    out, valid = torch.zeros(DISTILL_BOXES, 4), torch.zeros(DISTILL_BOXES, dtype=torch.bool)
+    y0, x0 = (crop[0], crop[1]) if crop else (0, 0)
+    for i, (bx0, by0, bx1, by1) in enumerate(boxes):
+        clipped = (max(bx0 - x0, 0.0), max(by0 - y0, 0.0), min(bx1 - x0, fit.width - 1.0), min(by1 - y0, fit.height - 1.0))
+        if clipped[2] > clipped[0] and clipped[3] > clipped[1]:
+            out[i] = torch.from_numpy(fit.box_to_model(np.array([clipped]))[0]).float()
+            valid[i] = True
+    return out, valid

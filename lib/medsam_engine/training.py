@@ -5,7 +5,11 @@ paper's 0-20 px at 1024). The paper trains the image encoder too; here it is fro
 (scripts/finetune_gain.py); `encoder_lr_scale` > 0 trains it at lr x that. Objects of other label
 values that are not trained on (`anchor_samples`, e.g. `main.py train --organ`'s other organs) are
 replayed: `replay` of them per training slice join the training set with their labels as targets,
-never one the publish gate validates on.
+never one the publish gate validates on. The decoder is also distilled towards the starting
+(served) model's own masks (weight `distill`, default 50; 0: off): on the exact boxes of other
+labelled objects of each training slice (none trained on, none the gate scores), the frozen
+starting model's mask probabilities are the targets (see Distilled). Replay and distillation
+together kept every other organ within 2 points on the sample data (scripts/finetune_gain.py).
 
 One code path for one process, MONAI Label's `multi_gpu` (processes spawned by the app) and
 `torchrun` (any number of nodes): the process group comes from the environment (RANK, WORLD_SIZE,
@@ -24,6 +28,7 @@ by more than `max_drop` (DSC, default 0.02) below the starting weights; the stat
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import hashlib
@@ -36,17 +41,19 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .atomicio import atomic_write
 from .checkpoints import publish, read_json, save_checkpoint, write_json
 from .datastore import Case, label_names, list_cases
-from .dataset import SliceDataset, SliceSample, index_slices, per_object, split_samples, spread
+from .dataset import (SliceDataset, SliceSample, distill_objects, index_slices, per_object, split_samples,
+                      spread)
 from .errors import EngineInputError
 from .models import SamModel, load_model
 from .segmenter import Segmenter
@@ -79,6 +86,7 @@ class TrainConfig:
     max_val_slices: int = 0
     max_anchor_objects: int = 24  # anchor objects validated each epoch (0: no anchor set)
     replay: float = 2.0  # replayed objects (other labelled objects, never an anchor) per training slice; 0: none
+    distill: float = 50.0  # weight of the distillation loss towards the starting model's masks; 0: off
     max_drop: float = 0.02  # publish gate: largest DSC drop of a label value or the anchor set
     early_stop_patience: int = 3  # epochs without a better validation Dice; 0: off
     precision: str = "bf16"  # autocast dtype on GPUs (CPUs train in fp32)
@@ -101,8 +109,8 @@ class TrainConfig:
             raise EngineInputError("max_epochs and batch_size must be at least 1")
         if not 0 <= self.val_split < 1:
             raise EngineInputError(f"val_split must be in [0, 1), got {self.val_split}")
-        if self.jitter < 0 or self.max_drop < 0 or self.encoder_lr_scale < 0 or self.replay < 0:
-            raise EngineInputError("jitter, max_drop, encoder_lr_scale and replay must not be negative")
+        if min(self.jitter, self.max_drop, self.encoder_lr_scale, self.replay, self.distill) < 0:
+            raise EngineInputError("jitter, max_drop, encoder_lr_scale, replay and distill must not be negative")
 
 
 class PromptedSam(nn.Module):
@@ -132,35 +140,90 @@ class PromptedSam(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embeddings = self.net.image_encoder(images)
+        return self.decode(self.net.image_encoder(images), boxes)
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, decoder: nn.Module | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Box i (B, 4) decoded on embedding i (B, C, H, W) by `decoder` (default: the net's mask decoder)."""
+        decoder = decoder or self.net.mask_decoder
         with torch.no_grad():
             sparse, dense = self.net.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
             image_pe = self.net.prompt_encoder.get_dense_pe()
         logits, ious = [], []
-        for i in range(images.shape[0]):
-            low, iou = self.net.mask_decoder(image_embeddings=embeddings[i:i + 1], image_pe=image_pe,
-                                             sparse_prompt_embeddings=sparse[i:i + 1],
-                                             dense_prompt_embeddings=dense[i:i + 1], multimask_output=False)
+        for i in range(embeddings.shape[0]):
+            low, iou = decoder(image_embeddings=embeddings[i:i + 1], image_pe=image_pe,
+                               sparse_prompt_embeddings=sparse[i:i + 1],
+                               dense_prompt_embeddings=dense[i:i + 1], multimask_output=False)
             logits.append(low)
             ious.append(iou[:, 0])
         return torch.cat(logits).float(), torch.cat(ious).float()
 
 
+class Distilled(nn.Module):
+    """The training network with distillation: PromptedSam's (logits, iou) for each image's box,
+    then, for its real extra boxes ("distill_box" where "distill_valid"), the student's mask logits
+    and the teacher's (the starting mask decoder, a frozen copy). With the image encoder frozen
+    (the default) both decode the one image embedding; an encoder that trains gets a frozen copy
+    for the teacher's own embedding."""
+
+    def __init__(self, student: PromptedSam) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student.net.mask_decoder).requires_grad_(False)
+        encoder = student.net.image_encoder
+        self.teacher_encoder = (copy.deepcopy(encoder).requires_grad_(False)
+                                if any(p.requires_grad for p in encoder.parameters()) else None)
+
+    def train(self, mode: bool = True) -> "Distilled":
+        super().train(mode)
+        self.teacher.eval()
+        if self.teacher_encoder is not None:
+            self.teacher_encoder.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor, extra: torch.Tensor, valid: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        embeddings = self.student.net.image_encoder(images)
+        logits, iou = self.student.decode(embeddings, boxes)
+        owner = torch.arange(images.shape[0], device=images.device).repeat_interleave(extra.shape[1])[valid.flatten()]
+        extra = extra.flatten(0, 1)[valid.flatten()]
+        if not extra.shape[0]:
+            return logits, iou, logits[:0], logits[:0].detach()
+        student = self.student.decode(embeddings[owner], extra)[0]
+        with torch.no_grad():
+            own = embeddings if self.teacher_encoder is None else self.teacher_encoder(images)
+            teacher = self.student.decode(own[owner], extra, self.teacher)[0]
+        return logits, iou, student, teacher
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The student's mask logits against the teacher's: binary KL divergence per pixel (BCE on the
+    teacher's probabilities less the teacher's own, so 0 when they agree), mean; 0 with no boxes."""
+    if student.numel() == 0:
+        return student.sum()
+    target = torch.sigmoid(teacher)
+    return (F.binary_cross_entropy_with_logits(student, target)
+            - F.binary_cross_entropy_with_logits(teacher, target))
+
+
 class SegmentationLoss(nn.Module):
     """MONAI's DiceCELoss (Dice + BCE on sigmoid logits, MedSAM's loss) plus, as LiteMedSAM's
     training does, the squared error of the predicted IoU against the mask's actual IoU (keeps the
-    IoU the server reports meaningful)."""
+    IoU the server reports meaningful); with Distilled's output also `distill` x distill_loss."""
 
-    def __init__(self, iou_weight: float = 1.0) -> None:
+    def __init__(self, iou_weight: float = 1.0, distill: float = 0.0) -> None:
         super().__init__()
         from monai.losses import DiceCELoss
 
         self.seg = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
         self.iou_weight = iou_weight
+        self.distill = distill
 
-    def forward(self, pred: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        logits, iou = pred
+    def forward(self, pred: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+        logits, iou = pred[:2]
         loss = self.seg(logits, target)
+        if self.distill and len(pred) == 4:
+            loss = loss + self.distill * distill_loss(*pred[2:])
         if self.iou_weight:
             with torch.no_grad():
                 mask = logits > 0
@@ -173,11 +236,13 @@ class SegmentationLoss(nn.Module):
 
 
 def prepare_batch(batch: dict, device: torch.device | None = None, non_blocking: bool = False, **kwargs: Any):
-    """Batches for MONAI's engines: inputs, targets, and the boxes as the network's extra argument."""
+    """Batches for MONAI's engines: inputs, targets, and the boxes as the network's extra arguments
+    (with the distillation boxes where the batch has them: Distilled's)."""
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, non_blocking=non_blocking)
 
-    return move(batch["image"]), move(batch["label"]), (move(batch["box"]),), {}
+    keys = ("box", "distill_box", "distill_valid") if "distill_box" in batch else ("box",)
+    return move(batch["image"]), move(batch["label"]), tuple(move(batch[k]) for k in keys), {}
 
 
 class _LogitsInferer:
@@ -523,11 +588,12 @@ def plan_samples(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequenc
 
 
 def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[SliceSample] | None = None,
-          val_samples: Sequence[SliceSample] | None = None, anchor_samples: Sequence[SliceSample] = ()
-          ) -> dict[str, Any]:
+          val_samples: Sequence[SliceSample] | None = None, anchor_samples: Sequence[SliceSample] = (),
+          keep_off: Collection[tuple[int, int, int]] = frozenset()) -> dict[str, Any]:
     """Fine-tune on `cases` (or the given samples); returns the run's stats (also written to
     cfg.stats_path). `anchor_samples`: objects not trained on, which must not be forgotten (the
-    anchor set, and the objects replayed: see plan_samples). Under
+    anchor set, and the objects replayed: see plan_samples). `keep_off`: (case, slice, value) of
+    objects scored outside the run (e.g. by a benchmark), never distilled on. Under
     a process group every rank calls this with the same arguments."""
     from ignite.engine import Events
     from ignite.handlers import EarlyStopping
@@ -539,6 +605,8 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     torch.manual_seed(cfg.seed)
     train_samples, val_objects, anchors, replay = plan_samples(cfg, cases, train_samples, val_samples,
                                                                anchor_samples)
+    kept_off = near([*val_objects, *anchors]) | {(s.case, s.slice, s.values[0]) for s in replay} | set(keep_off)
+    distilled = distill_objects(cases, train_samples, kept_off) if cfg.distill else {}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_model(cfg.model, cfg.checkpoint, str(device))
@@ -548,9 +616,9 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
     if cfg.encoder_lr_scale == 0:  # a frozen image encoder: only the mask decoder learns
         for p in net.net.image_encoder.parameters():
             p.requires_grad_(False)
-    trained = net
+    trained: nn.Module = Distilled(net) if distilled else net  # nothing to distill on: no teacher
     if ctx.enabled:
-        trained = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in net.parameters() if p.requires_grad]
     encoder = {id(p) for p in net.net.image_encoder.parameters()}
     optimizer = torch.optim.AdamW([
@@ -567,12 +635,13 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
         names.append(ANCHOR)
         groups += [len(names) - 1] * len(anchors)
     train_ds = SliceDataset(cases, [*train_samples, *replay], segmenter, train=True, jitter=cfg.jitter,
-                            seed=cfg.seed + ctx.rank)
+                            seed=cfg.seed + ctx.rank, distill=distilled or None)
     val_ds = SliceDataset(cases, [*val_objects, *anchors], segmenter, train=False, groups=groups)
     events_dir = str(cfg.output_dir / "events")
     info = {"device": str(device), "autocast": str(dtype).replace("torch.", "") if dtype else None,
             "train_slices": len(train_samples), "val_slices": len({(s.case, s.slice) for s in val_objects}),
             "val_objects": len(val_objects), "anchor_objects": len(anchors), "replay_objects": len(replay),
+            "distill_objects": sum(len(v) for v in distilled.values()),
             "trainable_parameters": sum(p.numel() for p in params)}
 
     group_dice = GroupDice(names, device)
@@ -594,7 +663,7 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
                            TensorBoardStatsHandler(log_dir=events_dir, tag_name="train_loss", output_transform=_loss)]
     trainer = SupervisedTrainer(
         device=device, max_epochs=cfg.max_epochs, train_data_loader=_loader(train_ds, cfg, ctx, train=True),
-        network=trained, optimizer=optimizer, loss_function=SegmentationLoss(cfg.iou_loss_weight),
+        network=trained, optimizer=optimizer, loss_function=SegmentationLoss(cfg.iou_loss_weight, cfg.distill),
         prepare_batch=prepare_batch, amp=amp, amp_kwargs=amp_kwargs, decollate=False,
         train_handlers=train_handlers,
     )
