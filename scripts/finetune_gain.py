@@ -9,9 +9,9 @@
         --all-objects the training slices teach every labelled object on them, as an annotator's
         full label would. The other organs of the training image (never on or next to a slice
         they are scored on) are the run's anchor set and its replayed objects (--replay per
-        training slice, the trainer's default; 0: none). --distill W adds distillation towards
-        the starting model's masks on the training slices' other labelled objects (weight W; 0,
-        the default: off). The publish gate refuses
+        training slice, the trainer's default; 0: none). --distill W weighs distillation towards
+        the starting model's masks on the training slices' other labelled objects (the trainer's
+        default; 0: off). The publish gate refuses
         an epoch that lowers them (or the organ's validation slices) by more than --max-drop; the
         result says whether it published. "after" scores the weights trained (the last epoch),
         published or not. --encoder-lr-scale 0.1 trains the image encoder at a tenth of the lr,
