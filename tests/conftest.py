@@ -10,6 +10,7 @@ import torch
 
 from engine_helpers import SAMPLE_DIR, TINY_VIT_SPEC, tiny_sam
 from medsam_engine import Segmenter, load_model
+from medsam_engine.datastore import list_cases
 from medsam_engine.imageio import Volume, read_image
 from medsam_engine.models import SamModel, build_sam_vit
 
@@ -52,6 +53,12 @@ def sample_volume():
         return loaded[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def mr_cases() -> list:
+    """The sample datastore's mr_3mm case, alone (the training tests' volume)."""
+    return [c for c in list_cases(SAMPLE_DIR) if c.image_id == "mr_3mm"]
 # ==== end of engine fixtures =================================================================
 
 

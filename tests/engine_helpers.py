@@ -9,7 +9,8 @@ import numpy as np
 import SimpleITK as sitk
 from torch import nn
 
-from medsam_engine.datastore import label_names
+from medsam_engine.datastore import Case, label_names
+from medsam_engine.dataset import SliceSample, index_slices
 from medsam_engine.imageio import Volume, volume_from_sitk
 from medsam_engine.models import SamViTSpec
 
@@ -18,6 +19,16 @@ SAMPLE_DIR = REPO_ROOT / "sample-datasets" / "totalseg"
 
 # A ViT SAM small enough to build and run in a test: the real loading code treats it like ViT-B.
 TINY_VIT_SPEC = SamViTSpec(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), image_size=256)
+
+MR_LIVER, MR_OTHERS = 5, {1, 2, 3}  # mr_3mm label values: liver; spleen, kidneys
+
+
+def mr_liver_split(cases: list[Case]) -> tuple[list[SliceSample], list[SliceSample], list[SliceSample]]:
+    """A tiny fine-tuning task on mr_3mm (`cases`: its case only): two liver slices to train on, a
+    liver slice further on to validate on, and the slices of the other organs."""
+    liver = index_slices(cases, {"mr_3mm": {MR_LIVER}})
+    third = len(liver) // 3
+    return [liver[third], liver[third + 1]], [liver[2 * third]], index_slices(cases, {"mr_3mm": MR_OTHERS})
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

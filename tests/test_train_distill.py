@@ -10,31 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import SAMPLE_DIR
+from engine_helpers import MR_LIVER as LIVER, mr_liver_split
 from medsam_engine import Segmenter, load_model
-from medsam_engine.datastore import list_cases
 from medsam_engine.dataset import DISTILL_BOXES, SliceDataset, distill_objects, index_slices, model_boxes
 from medsam_engine.errors import EngineInputError
 from medsam_engine.geometry import Fit
 from medsam_engine.models import InputGeometry
 from medsam_engine.training import Distilled, PromptedSam, TrainConfig, distill_loss, prepare_batch, train
 
-LIVER, OTHERS = 5, {1, 2, 3}  # mr_3mm: liver; spleen, kidneys
-
-
-@pytest.fixture(scope="module")
-def mr_cases():
-    return [c for c in list_cases(SAMPLE_DIR) if c.image_id == "mr_3mm"]
-
-
-def _liver(cases):
-    liver = index_slices(cases, {"mr_3mm": {LIVER}})
-    third = len(liver) // 3
-    return [liver[third], liver[third + 1]], [liver[2 * third]]
-
 
 def test_distilled_objects_are_other_objects_of_training_slices_never_skipped(mr_cases):
-    fit, _ = _liver(mr_cases)
+    fit = mr_liver_split(mr_cases)[0]
     every = {(s.case, s.slice): s.values for s in index_slices(mr_cases)}
     skip = {(fit[0].case, fit[0].slice, v) for v in every[(fit[0].case, fit[0].slice)] if v != LIVER}
     found = distill_objects(mr_cases, fit, skip)
@@ -57,7 +43,7 @@ def test_distill_boxes_follow_the_zoomed_tile_and_are_padded():
 
 def test_distill_term_is_zero_for_the_teacher_and_grows_as_the_student_drifts(mr_cases):
     torch.set_num_threads(2)
-    fit, _ = _liver(mr_cases)
+    fit = mr_liver_split(mr_cases)[0]
     model = load_model("medsam-lite", device="cpu")
     dataset = SliceDataset(mr_cases, fit, Segmenter(model), train=True, distill=distill_objects(mr_cases, fit))
     item = dataset[1]
@@ -87,8 +73,7 @@ def test_distill_option_is_validated(tmp_path: Path):
 
 def test_run_with_distill_trains_on_distilled_objects(mr_cases, tmp_path: Path):
     torch.set_num_threads(2)
-    fit, val = _liver(mr_cases)
-    others = index_slices(mr_cases, {"mr_3mm": OTHERS})
+    fit, val, others = mr_liver_split(mr_cases)
     cfg = TrainConfig(output_dir=tmp_path / "run", max_epochs=1, batch_size=2, device="cpu", early_stop_patience=0,
                       max_anchor_objects=2, publish_mode="never", replay=0)
     stats = train(cfg, mr_cases, fit, val, others)

@@ -7,30 +7,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
-from engine_helpers import SAMPLE_DIR
-from medsam_engine.datastore import list_cases
-from medsam_engine.dataset import index_slices, per_object
+from engine_helpers import MR_LIVER as LIVER, MR_OTHERS as OTHERS, mr_liver_split
+from medsam_engine.dataset import per_object
 from medsam_engine.training import TrainConfig, plan_samples, train
-
-LIVER, OTHERS = 5, {1, 2, 3}  # mr_3mm: liver; spleen, kidneys
-
-
-@pytest.fixture(scope="module")
-def mr_cases():
-    return [c for c in list_cases(SAMPLE_DIR) if c.image_id == "mr_3mm"]
-
-
-def _split(cases):
-    liver = index_slices(cases, {"mr_3mm": {LIVER}})
-    third = len(liver) // 3
-    return [liver[third], liver[third + 1]], [liver[2 * third]], index_slices(cases, {"mr_3mm": OTHERS})
 
 
 def test_replayed_objects_are_other_organs_and_never_gate_objects(mr_cases, tmp_path: Path):
-    fit, val, others = _split(mr_cases)
+    fit, val, others = mr_liver_split(mr_cases)
     cfg = TrainConfig(output_dir=tmp_path, max_anchor_objects=3, replay=3)
     train_samples, val_objects, anchors, replay = plan_samples(cfg, mr_cases, fit, val, others)
     assert train_samples == fit and len(anchors) == 3
@@ -55,7 +40,7 @@ def test_default_run_trains_on_replayed_objects(mr_cases, tmp_path: Path):
     training slice), each epoch draws the training slices and the replayed objects; the anchor set
     is still scored by the gate."""
     torch.set_num_threads(2)
-    fit, val, others = _split(mr_cases)
+    fit, val, others = mr_liver_split(mr_cases)
     cfg = TrainConfig(output_dir=tmp_path / "run", max_epochs=1, batch_size=2, device="cpu", early_stop_patience=0,
                       max_anchor_objects=2, publish_mode="never")
     assert cfg.replay == 2
