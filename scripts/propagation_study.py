@@ -40,7 +40,7 @@ from medsam_engine.geometry import Box, mask_box  # noqa: E402
 from medsam_engine.imageio import read_image  # noqa: E402
 from medsam_engine.metrics import dsc  # noqa: E402
 from medsam_engine.prompts import Box3DPrompt  # noqa: E402
-from medsam_engine.propagation import fill_score, grow_box, inside, propagate  # noqa: E402
+from medsam_engine.propagation import SliceDecoder, fill_score, grow_box, inside, propagate  # noqa: E402
 
 ROWS = ("default", "given box", "tight boxes", "oracle P,G", "oracle P,G,N", "oracle over seeds")
 
@@ -56,6 +56,20 @@ def _stack(masks: dict[int, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     return volume
 
 
+def _memoised(decode: SliceDecoder) -> SliceDecoder:
+    """`decode`, answering a (slice, boxes, tight) it was asked before from memory: every seeded
+    walk asks for the given box on every slice again."""
+    seen: dict[tuple, list[tuple[np.ndarray, float]]] = {}
+
+    def again(k: int, boxes, tight: bool) -> list[tuple[np.ndarray, float]]:
+        key = (k, tuple(tuple(b) for b in boxes), tight)
+        if key not in seen:
+            seen[key] = decode(k, boxes, tight)
+        return seen[key]
+
+    return again
+
+
 def study_object(seg: Segmenter, volume, gt: np.ndarray, seeds: int) -> dict:
     """The rows above for one object (mask `gt`), and its one-step slice DSCs."""
     box = mask_box(gt.any(axis=0))
@@ -63,7 +77,7 @@ def study_object(seg: Segmenter, volume, gt: np.ndarray, seeds: int) -> dict:
     first, last = int(slices[0]), int(slices[-1])
     default = seg.segment(volume, [Box3DPrompt(box, first, last)]).label[first:last + 1] > 0
     norm = seg.normaliser(volume, seg.modality_of(volume), None, box, (first + last) // 2)
-    decode, _ = seg.slice_decoder(volume, norm)
+    decode = _memoised(seg.slice_decoder(volume, norm)[0])
     rule, span = seg.propagation, range(first, last + 1)
     margin = rule.margin(box)
     given = {k: decode(k, [box], False)[0] for k in span}
