@@ -14,6 +14,7 @@ import torch
 from engine_helpers import TINY_VIT_SPEC, tiny_sam
 from medsam_engine import MODEL_REGISTRY, ModelLoadError, Segmenter, SlicePrompt, load_model
 from medsam_engine.attention import fuse_attention
+from medsam_engine.decoder import predict_masks
 from medsam_engine.geometry import Fit
 from medsam_engine.imageio import read_image, write_label
 from medsam_engine.models import InputGeometry, SamModel, build_medsam_lite, build_sam_vit, file_sha256
@@ -68,6 +69,46 @@ def test_fused_decoder_attention_matches_segment_anything() -> None:
         assert torch.allclose(a, b, atol=1e-5)
     outputs[1][0].sum().backward()
     assert fused.transformer.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_contiguous_decoder_gives_the_library_decoders_result(lite_segmenter, sample_volume) -> None:
+    """`predict_masks` equals the mask decoder's own forward: LiteMedSAM on a real slice's
+    embedding, 3 boxes with and without clicks."""
+    image, _ = sample_volume("ct_3mm")
+    k = image.array.shape[0] // 2
+    seg = lite_segmenter
+    net = seg.model.net
+    embedding = seg.embedding(image, k, seg.normaliser(image, seg.modality_of(image), None, (30, 40, 120, 150), k))
+    boxes = torch.tensor([[30.0, 40.0, 120.0, 150.0], [0.0, 0.0, 255.0, 255.0], [100.0, 90.0, 110.0, 104.0]])
+    clicks = (torch.tensor([[[60.0, 70.0]], [[9.0, 9.0]], [[105.0, 100.0]]]), torch.tensor([[1], [0], [1]]))
+    with torch.inference_mode():
+        for points in (None, clicks):
+            sparse, dense = net.prompt_encoder(points=points, boxes=boxes, masks=None)
+            pe = net.prompt_encoder.get_dense_pe()
+            ours = predict_masks(net.mask_decoder, embedding, pe, sparse, dense)
+            theirs = net.mask_decoder(image_embeddings=embedding, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                      dense_prompt_embeddings=dense, multimask_output=False)
+            assert ours[0].shape == (3, 1, 256, 256) and ours[1].shape == (3,)
+            assert torch.allclose(ours[0], theirs[0], atol=1e-4) and (ours[0] > 0).equal(theirs[0] > 0)
+            assert torch.allclose(ours[1], theirs[1][:, 0], atol=1e-6)
+
+
+def test_contiguous_decoder_trains_like_the_library_decoder() -> None:
+    """The same logits and the same gradients as the decoder's forward on a tiny random SAM."""
+    torch.manual_seed(0)
+    ours, theirs = tiny_sam().mask_decoder, tiny_sam().mask_decoder
+    theirs.load_state_dict(ours.state_dict())
+    embedding, pe = torch.randn(1, 256, 8, 8), torch.randn(1, 256, 8, 8)
+    sparse, dense = torch.randn(1, 2, 256), torch.randn(1, 256, 8, 8)
+    a = predict_masks(ours, embedding, pe, sparse, dense)
+    b = theirs(image_embeddings=embedding, image_pe=pe, sparse_prompt_embeddings=sparse,
+               dense_prompt_embeddings=dense, multimask_output=False)
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1][:, 0], atol=1e-6)
+    (a[0].sum() + a[1].sum()).backward()
+    (b[0].sum() + b[1].sum()).backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        if q.grad is not None:
+            assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-4), name
 
 
 def test_bad_encoder_is_refused() -> None:

@@ -66,6 +66,29 @@ def _encode_with(sam: SamModel, name: str, image: torch.Tensor) -> torch.Tensor:
     return sam.encode(image)
 
 
+def _decoder_ab(sam: SamModel, embedding: torch.Tensor, boxes: torch.Tensor, repeats: int) -> dict[str, float]:
+    """The engine's decode (`decoder.predict_masks`) against the library's `MaskDecoder` forward,
+    interleaved, with one thread (as the server decodes) and with the bench's threads."""
+    net = sam.net
+
+    @torch.inference_mode()
+    def library() -> None:
+        sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
+        net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
+                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+
+    threads = torch.get_num_threads()
+    figures = {}
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        times = interleaved_ms({"engine": lambda: sam.decode(embedding, boxes), "library": library}, repeats, sam.device)
+        figures[f"decode_{n}t_engine_ms_p50"] = round(median(times["engine"]), 1)
+        figures[f"decode_{n}t_library_ms_p50"] = round(median(times["library"]), 1)
+        figures[f"decode_{n}t_ratio_to_library"] = round(median(times["engine"]) / median(times["library"]), 3)
+    torch.set_num_threads(threads)
+    return figures
+
+
 def cpu_name() -> str:
     """The CPU's model name (as lscpu gives it), else platform's."""
     try:
@@ -149,6 +172,9 @@ def run_bench(json_path: str | Path, datastore: str | Path, model: str = "medsam
         seg.segment_boxes(volume, k, [tuple(np.clip(np.asarray(box) + shift, 0, width - 1))], norm)
 
     results["decode_ms_p50"] = round(p50_ms(decode, repeats * 3, sam.device), 1)
+    results.update(_decoder_ab(sam, seg.embedding(volume, k, norm),
+                               torch.from_numpy(Fit(height, width, sam.geometry).box_to_model(np.array([box]))).float(),
+                               repeats * 3))
 
     # A volume's slices with the default encoder: all at once (encode_many) against one by one
     batch = [image] * AHEAD_SLICES

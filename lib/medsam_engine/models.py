@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .attention import fuse_attention
+from .decoder import predict_masks
 from .encoders import Encoder, build_encoder, requested_encoder
 from .errors import ModelLoadError
 
@@ -128,14 +129,9 @@ class SamModel:
         if points is not None:
             points = (points[0].to(self.device, torch.float32), points[1].to(self.device, torch.int64))
         sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=None)
-        logits, iou = self.net.mask_decoder(
-            image_embeddings=embedding.to(self.device, torch.float32),
-            image_pe=self.net.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        return logits.float(), iou[:, 0].float()
+        logits, iou = predict_masks(self.net.mask_decoder, embedding.to(self.device, torch.float32),
+                                    self.net.prompt_encoder.get_dense_pe(), sparse, dense)
+        return logits.float(), iou.float()
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader
 from .atomicio import atomic_write
 from .checkpoints import publish, read_json, save_checkpoint, write_json
 from .datastore import Case, label_names, list_cases
+from .decoder import predict_masks
 from .dataset import (SliceDataset, SliceSample, distill_objects, index_slices, per_object, split_samples,
                       spread)
 from .errors import EngineInputError
@@ -151,11 +152,9 @@ class PromptedSam(nn.Module):
             image_pe = self.net.prompt_encoder.get_dense_pe()
         logits, ious = [], []
         for i in range(embeddings.shape[0]):
-            low, iou = decoder(image_embeddings=embeddings[i:i + 1], image_pe=image_pe,
-                               sparse_prompt_embeddings=sparse[i:i + 1],
-                               dense_prompt_embeddings=dense[i:i + 1], multimask_output=False)
+            low, iou = predict_masks(decoder, embeddings[i:i + 1], image_pe, sparse[i:i + 1], dense[i:i + 1])
             logits.append(low)
-            ious.append(iou[:, 0])
+            ious.append(iou)
         return torch.cat(logits).float(), torch.cat(ious).float()
 
 
