@@ -40,7 +40,7 @@ from medsam_engine.geometry import Box, mask_box  # noqa: E402
 from medsam_engine.imageio import read_image  # noqa: E402
 from medsam_engine.metrics import dsc  # noqa: E402
 from medsam_engine.prompts import Box3DPrompt  # noqa: E402
-from medsam_engine.propagation import SliceDecoder, fill_score, grow_box, inside, propagate  # noqa: E402
+from medsam_engine.propagation import SliceDecoder, grow_box, inside, propagate, seed_order  # noqa: E402
 
 ROWS = ("default", "given box", "tight boxes", "oracle P,G", "oracle P,G,N", "oracle over seeds")
 
@@ -96,12 +96,11 @@ def study_object(seg: Segmenter, volume, gt: np.ndarray, seeds: int) -> dict:
         return {k: max(c, key=lambda m: dsc(m, gt[k])) for k, c in candidates.items()}
 
     pg = {k: [default[k - first], given_masks[k]] for k in span}
-    middle = (first + last) // 2
-    order = sorted(span, key=lambda k: (-fill_score(*given[k], box), abs(k - middle)))
     starts: list[int] = []
-    for k in order:
+    for k in seed_order(given, box, first, last):
         if len(starts) < seeds and all(abs(k - s) >= 3 for s in starts):
             starts.append(k)
+    middle = (first + last) // 2
     walks = [propagate(decode, box, first, last, rule, seed=s)[0] for s in dict.fromkeys([*starts, middle])]
     step = [(dsc(decoded(k, grow_box(mask_box(gt[k - 1]), box, margin), False), gt[k]), dsc(tight[k], gt[k]))
             for k in span if k > first and _decodable(mask_box(gt[k - 1])) and gt[k].any()]

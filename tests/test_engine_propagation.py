@@ -9,7 +9,7 @@ from scipy import ndimage
 from engine_helpers import dice, make_volume
 from medsam_engine import Box3DPrompt, KeySlicesPrompt, Segmenter
 from medsam_engine.geometry import Box, mask_box
-from medsam_engine.propagation import PropagationRule, interpolate_boxes, propagate
+from medsam_engine.propagation import PropagationRule, interpolate_boxes, propagate, seed_order
 from medsam_engine.prior import BoxPrior
 
 
@@ -144,6 +144,16 @@ def _cone_with_a_distractor() -> tuple[np.ndarray, np.ndarray, Box]:
     volume = truth.astype(np.float32)
     volume[10, 19:21, 27:29] = 1.0
     return truth, volume, mask_box(truth.any(axis=0))
+
+
+def test_seeds_are_ordered_by_how_their_masks_fill_the_box_then_by_the_middle() -> None:
+    box = (10.0, 10.0, 29.0, 29.0)
+    full, half, empty = (np.zeros((40, 40), dtype=bool) for _ in range(3))
+    full[10:30, 10:30] = True
+    half[10:30, 10:20] = True
+    given = {2: (half, 0.9), 3: (full, 0.9), 4: (half, 0.9), 5: (empty, 0.9), 6: (full, 0.9), 7: (full, 0.5)}
+    # 3 and 6 fill it (3 nearer the middle, 4); 7 fills it with a lower IoU; 4 and 2 half fill it
+    assert seed_order(given, box, 2, 7) == [3, 6, 7, 4, 2, 5]
 
 
 def test_fill_seed_avoids_a_misleading_middle_slice() -> None:

@@ -97,6 +97,13 @@ def fill_score(mask: np.ndarray, iou: float, box: Box) -> float:
     return 0.0 if found is None else _box_iou(found, box) * iou
 
 
+def seed_order(given: dict[int, tuple[np.ndarray, float]], box: Box, first: int, last: int) -> list[int]:
+    """Slices first..last as seeds, best first: by the `fill_score` of their given-box decodes
+    (`given`: slice -> (mask, iou)), then by nearness to the middle slice."""
+    middle = (first + last) // 2
+    return sorted(range(first, last + 1), key=lambda k: (-fill_score(*given[k], box), abs(k - middle)))
+
+
 def propagate(decode: SliceDecoder, box: Box, first: int, last: int,
               rule: PropagationRule = PropagationRule(), seed: int | None = None) -> tuple[Masks, Ious]:
     """Segment a seed slice of [first, last] with `box` (the rule's choice, or `seed`), then walk up
@@ -107,7 +114,7 @@ def propagate(decode: SliceDecoder, box: Box, first: int, last: int,
         for k in range(first, last + 1):
             known[k] = decode(k, [box], False)[0]
         if seed is None:
-            seed = max(range(first, last + 1), key=lambda k: (fill_score(*known[k], box), -abs(k - middle)))
+            seed = seed_order(known, box, first, last)[0]
     elif rule.seed == "middle":
         seed = middle if seed is None else seed
         known[seed] = decode(seed, [box], False)[0]
