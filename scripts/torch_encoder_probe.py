@@ -18,7 +18,8 @@ ms p50 on a 256 px input made from a real CT slice, timed interleaved (one encod
 round, the order rotated, `--rounds` rounds after a warm-up one, medians), its ratios to fp32 eager and
 to ov-fp32, the embedding's mean relative error against fp32 eager, and the mean slice DSC (exact boxes,
 the `--objects` largest objects of `--slices` labelled slices spread over each of ct_512, ct_3mm,
-mr_3mm) with its delta to fp32 eager per image ("masks_hold": every delta within 0.005). A variant that fails to build is reported with its error and left out of the rest.
+mr_3mm) with its delta to fp32 eager per image ("masks_hold": every delta within 0.005). A variant
+that fails to build is reported with its error and left out of the rest. Figures: README "Bench".
 pt2e-int8 needs torchao, which the project does not install:  .venv/bin/pip install torchao==0.18.0
 
     .venv/bin/python scripts/torch_encoder_probe.py [--variants a,b] [--rounds 10] [--slices 3]
