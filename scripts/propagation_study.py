@@ -97,7 +97,7 @@ def study_object(seg: Segmenter, volume, gt: np.ndarray, seeds: int) -> dict:
 
     pg = {k: [default[k - first], given_masks[k]] for k in span}
     starts: list[int] = []
-    for k in seed_order(given, box, first, last):
+    for k in seed_order(given, box, first, last, rule.seed_edge):
         if len(starts) < seeds and all(abs(k - s) >= 3 for s in starts):
             starts.append(k)
     middle = (first + last) // 2

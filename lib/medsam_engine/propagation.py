@@ -48,12 +48,15 @@ class PropagationRule:
     given box's own mask on that slice competes with it, and the one that agrees best (Dice) with
     the previous slice's mask is kept. `seed` picks where one-box propagation starts: "middle" of
     the slice range, or "fill", the slice whose given-box mask fills the box best (box IoU of the
-    mask's bounding box with the given box, times the predicted IoU). A direction stops at an empty
+    mask's bounding box with the given box, times the predicted IoU) among those at least
+    `seed_edge` of the range's length from its ends (near the ends the object is smallest in the
+    box, and a mask that spreads over the loose box fills it best). A direction stops at an empty
     mask or at the range's end."""
 
     margin_fraction: float = 0.1
     given_box_proposal: bool = True
     seed: str = "fill"
+    seed_edge: float = 0.2
 
     @property
     def decodes_given_box_everywhere(self) -> bool:
@@ -97,11 +100,17 @@ def fill_score(mask: np.ndarray, iou: float, box: Box) -> float:
     return 0.0 if found is None else _box_iou(found, box) * iou
 
 
-def seed_order(given: dict[int, tuple[np.ndarray, float]], box: Box, first: int, last: int) -> list[int]:
-    """Slices first..last as seeds, best first: by the `fill_score` of their given-box decodes
-    (`given`: slice -> (mask, iou)), then by nearness to the middle slice."""
-    middle = (first + last) // 2
-    return sorted(range(first, last + 1), key=lambda k: (-fill_score(*given[k], box), abs(k - middle)))
+def seed_order(given: dict[int, tuple[np.ndarray, float]], box: Box, first: int, last: int,
+               edge: float = 0.0) -> list[int]:
+    """Slices first..last as seeds, best first: the slices within `edge` of the range's length from
+    its ends after all others, then by the `fill_score` of their given-box decodes (`given`: slice
+    -> (mask, iou)), then by nearness to the middle slice."""
+    middle, margin = (first + last) // 2, int(edge * (last - first + 1))
+
+    def near_end(k: int) -> bool:
+        return k < first + margin or k > last - margin
+
+    return sorted(range(first, last + 1), key=lambda k: (near_end(k), -fill_score(*given[k], box), abs(k - middle)))
 
 
 def propagate(decode: SliceDecoder, box: Box, first: int, last: int,
@@ -114,7 +123,7 @@ def propagate(decode: SliceDecoder, box: Box, first: int, last: int,
         for k in range(first, last + 1):
             known[k] = decode(k, [box], False)[0]
         if seed is None:
-            seed = seed_order(known, box, first, last)[0]
+            seed = seed_order(known, box, first, last, rule.seed_edge)[0]
     elif rule.seed == "middle":
         seed = middle if seed is None else seed
         known[seed] = decode(seed, [box], False)[0]
