@@ -4,9 +4,9 @@ segment_anything's `MaskDecoder.predict_masks` (and the copy vendored by medsam-
 the NCHW image embedding and positional encoding into (B, HW, C) token views that are not
 contiguous, so every add and projection over the 4096 image tokens of the two-way transformer
 strides through memory or copies first. Channels-last, the same views are contiguous. `predict_masks`
-calls the decoder's own submodules in the library's order, so the logits are the library's (equal
-to the last bit on this CPU); no library offers it. The decode ran in 0.79-0.81x the time here
-(one thread, a one-off interleaved A/B; `main.py bench` reports `decode_ms_p50`).
+calls the decoder's own submodules in the library's order, so the logits are the library's; no
+library offers it. `main.py bench` times both, interleaved (`decode_{1,2}t_ratio_to_library`:
+0.80x with one thread and 0.82x with two on this CPU, README "Bench").
 """
 
 from __future__ import annotations

@@ -52,9 +52,9 @@ from torch.utils.data import DataLoader
 from .atomicio import atomic_write
 from .checkpoints import publish, read_json, save_checkpoint, write_json
 from .datastore import Case, label_names, list_cases
-from .decoder import predict_masks
 from .dataset import (SliceDataset, SliceSample, distill_objects, index_slices, per_object, split_samples,
                       spread)
+from .decoder import predict_masks
 from .errors import EngineInputError
 from .models import SamModel, load_model
 from .segmenter import Segmenter
