@@ -295,11 +295,11 @@ def test_lite_box3d_does_not_leak_into_a_brighter_neighbour(lite_model) -> None:
 
 
 def test_lite_box3d_seeds_a_diagonal_disc_away_from_the_box_ends(lite_model) -> None:
-    """A disc (radius 11) moving diagonally across its 3D box, so no slice fills the box. At the
-    ends the given box's mask is an over-segmented corner that fills the box best; seeded inside
-    the range, the walk holds the disc on the slices above the seed. Measured: slices 8-11 DSC
-    0.87-0.99, volume DSC 0.55 (seeded on an end, 0.47 and 0.30-0.61 per slice). The walk down from
-    the seed over-segments (0.36-0.71 per slice) and is not fixed."""
+    """A disc (radius 11) moving diagonally across its 3D box, so no slice fills the box and every
+    given-box mask over-segments (DSC 0.30-0.71); the most over-segmented, at the ends, fill the box
+    best. Seeded on slice 2 instead of an end, the walk up shrinks onto the disc. Measured: slices
+    8-11 DSC 0.87-0.99, volume DSC 0.55 (seeded on an end, 0.47 and 0.30-0.61 per slice). Slices
+    0-7 stay over-segmented (0.36-0.71): not fixed."""
     n, yy, xx = 12, *np.mgrid[:96, :96]
     truth = np.stack([(yy - (24 + 48 * k / (n - 1))) ** 2 + (xx - (24 + 48 * k / (n - 1))) ** 2 <= 11 ** 2
                       for k in range(n)])
