@@ -48,11 +48,10 @@ sys.path.insert(0, str(REPO / "lib"))
 from ov_int8_probe import EVAL, calibration_inputs, eval_slices  # noqa: E402  (this script's folder)
 
 from medsam_engine import Segmenter, load_model  # noqa: E402
-from medsam_engine.bench import cpu_name  # noqa: E402
+from medsam_engine.bench import _slice_dsc, cpu_name  # noqa: E402
 from medsam_engine.cache import EmbeddingCache  # noqa: E402
 from medsam_engine.encoders import build_encoder  # noqa: E402
-from medsam_engine.geometry import Fit, mask_box  # noqa: E402
-from medsam_engine.metrics import dsc  # noqa: E402
+from medsam_engine.geometry import Fit  # noqa: E402
 from medsam_engine.timing import interleaved_ms  # noqa: E402
 
 VARIANTS = ("fp32-eager", "ov-fp32", "channels-last", "onednn-bf16", "inductor-fp32", "inductor-bf16", "pt2e-int8")
@@ -108,19 +107,6 @@ def pt2e_int8(module: nn.Module, example: torch.Tensor, calibration: list[torch.
             prepared(image)
         converted = convert_pt2e(prepared)
     return move_exported_model_to_eval(converted)
-
-
-def slice_dsc(seg: Segmenter, volume, label: np.ndarray, k: int, objects: int) -> float:
-    """Mean DSC over the `objects` largest objects of slice k, each with its exact box."""
-    values, areas = np.unique(label[k][label[k] > 0], return_counts=True)
-    modality = seg.modality_of(volume)
-    scores = []
-    for value in values[np.argsort(-areas)][:objects]:
-        gt = label[k] == value
-        box = mask_box(gt)
-        result = seg.segment_boxes(volume, k, [box], seg.normaliser(volume, modality, None, box, k), tight=True)
-        scores.append(dsc(result.masks[0], gt))
-    return float(np.mean(scores))
 
 
 def build(name: str, sam, example: torch.Tensor, calibration: Callable[[], list[torch.Tensor]]) -> EncodeFn:
@@ -192,7 +178,7 @@ def main() -> None:
         error = (fn(example) - base).abs()
         figures[name]["embedding_mean_rel"] = round(float(error.mean() / base.abs().mean()), 5)
         sam._backends["fp32-eager"] = ("fp32-eager", FnEncoder(fn))  # the probe swaps in each variant
-        scores[name] = {(n, k): slice_dsc(Segmenter(sam, EmbeddingCache()), v, lab, k, args.objects)
+        scores[name] = {(n, k): _slice_dsc(Segmenter(sam, EmbeddingCache()), v, lab, k, args.objects)
                      for n, v, lab, k in slices}
         print(f"{name}: slice DSC done", flush=True)
 

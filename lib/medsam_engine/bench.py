@@ -42,11 +42,12 @@ def _longest_object(label: np.ndarray) -> tuple[int, int, int]:
     return best
 
 
-def _slice_dsc(seg: Segmenter, volume, label: np.ndarray, k: int) -> float:
-    """Mean DSC over the objects of slice k with their exact boxes."""
+def _slice_dsc(seg: Segmenter, volume, label: np.ndarray, k: int, objects: int | None = None) -> float:
+    """Mean DSC over the objects of slice k (the `objects` largest; all by default) with their exact boxes."""
     modality = seg.modality_of(volume)
     scores = []
-    for value in np.unique(label[k][label[k] > 0]):
+    values, areas = np.unique(label[k][label[k] > 0], return_counts=True)
+    for value in values[np.argsort(-areas, kind="stable")][:objects]:
         gt = label[k] == value
         box = mask_box(gt)
         if box is None or box[2] - box[0] < 1 or box[3] - box[1] < 1:
