@@ -99,7 +99,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(output_dir=args.out, publish_path=args.publish, model=args.model, checkpoint=args.checkpoint,
                       device=args.device, max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, jitter=args.jitter, val_split=args.val_split,
+                      weight_decay=args.weight_decay, jitter=args.jitter, loose_boxes=args.loose_boxes,
+                      val_split=args.val_split,
                       max_train_slices=args.max_train_slices, max_val_slices=args.max_val_slices,
                       early_stop_patience=args.patience, precision=args.precision, publish_mode=args.publish_mode,
                       num_workers=args.workers, seed=args.seed, replay=args.replay,
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--jitter", type=float, default=5.0, help="box edges moved outwards by 0..PX model pixels (the paper: 0-20 at 1024 px)")
+    p.add_argument("--loose-boxes", type=float, default=0.0,
+                   help="share of draws prompted with the boxes one-box 3D propagation gives a slice")
     p.add_argument("--val-split", type=float, default=0.2, help="share of slices held back for validation")
     p.add_argument("--val-image", action="append", help="hold this image back for validation instead")
     p.add_argument("--organ", action="append", help="train on this label name only (labels.json)")

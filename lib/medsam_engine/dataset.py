@@ -21,10 +21,12 @@ from .datastore import Case
 from .errors import EngineInputError
 from .geometry import Box, Fit, mask_box
 from .imageio import Volume, read_image
+from .propagation import PropagationRule, grow_box
 from .segmenter import Segmenter
 from .zoom import Crop
 
 DISTILL_BOXES = 4  # other objects of a training slice distilled on per draw (see SliceDataset)
+LOOSE_3D_SHARE = 1 / 3  # loose draws prompted with the object's 3D box; the others with a neighbour's grown mask box
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,19 @@ def expand_box(box: Box, max_shift: float | tuple[float, float], rng: random.Ran
     return max(x0, 0.0), max(y0, 0.0), min(x1, width - 1.0), min(y1, height - 1.0)
 
 
+def loose_box(obj: np.ndarray, k: int, rng: random.Random, box3d: Box | None = None,
+              rule: PropagationRule = PropagationRule()) -> Box:
+    """A box one-box 3D propagation prompts slice k of the object `obj` (a (D, H, W) bool volume)
+    with: the object's box over all its slices (`box3d`, computed when not given), as a 3D box
+    gives it, or the box of its mask on a neighbouring slice grown by the rule's margin inside
+    the 3D box, as the walk from that slice gives it."""
+    box3d = box3d or mask_box(obj.any(axis=0))
+    neighbours = [j for j in (k - 1, k + 1) if 0 <= j < obj.shape[0] and obj[j].any()]
+    if not neighbours or rng.random() < LOOSE_3D_SHARE:
+        return box3d
+    return grow_box(mask_box(obj[rng.choice(neighbours)]), box3d, rule.margin(box3d))
+
+
 class SliceDataset(Dataset):
     """Samples as model tensors: {"image": (3, S, S), "label": (1, L, L), "box": (4,)}.
 
@@ -159,12 +174,16 @@ class SliceDataset(Dataset):
     With `distill` ((case, slice) -> label values, see distill_objects) a training sample also
     holds the exact boxes of up to DISTILL_BOXES of those objects of its slice (drawn at random,
     none of the sample's own values) as "distill_box" (DISTILL_BOXES, 4), "distill_valid" the real ones.
+    `loose` of the training draws take the box 3D propagation would give the slice instead (see
+    loose_box). With `embed`, "image" holds the slice's embedding (C, h, w) from the segmenter's
+    cache instead, for a network whose image encoder is frozen (see PromptedSam).
     """
 
     def __init__(self, cases: Sequence[Case], samples: Sequence[SliceSample], segmenter: Segmenter,
                  train: bool, jitter: float = 5, seed: int = 0, cache_volumes: int = 2,
                  groups: Sequence[int] | None = None,
-                 distill: dict[tuple[int, int], tuple[int, ...]] | None = None) -> None:
+                 distill: dict[tuple[int, int], tuple[int, ...]] | None = None, loose: float = 0.0,
+                 embed: bool = False) -> None:
         self.cases = list(cases)
         self.samples = list(samples)
         self.segmenter = segmenter
@@ -175,7 +194,10 @@ class SliceDataset(Dataset):
         self.seed = seed
         self.groups = list(groups) if groups is not None else [0] * len(self.samples)
         self.distill = distill if train else None
+        self.loose = loose if train else 0.0
+        self.embed = embed
         self.draws = 0
+        self._boxes3d: dict[tuple[int, int], Box] = {}
         self.cache_volumes = cache_volumes
         self._volumes: OrderedDict[int, tuple[Volume, np.ndarray]] = OrderedDict()
 
@@ -209,22 +231,28 @@ class SliceDataset(Dataset):
         truth = label[sample.slice] == value
         height, width = volume.slice_shape
         sy, sx = Fit(height, width, self.geometry).scale  # model pixels per slice pixel
-        box = expand_box(mask_box(truth), (self.jitter / sx, self.jitter / sy), rng, height, width)  # type: ignore[arg-type]
+        if self.loose and rng.random() < self.loose:
+            obj = label == value
+            if (sample.case, value) not in self._boxes3d:
+                self._boxes3d[(sample.case, value)] = mask_box(obj.any(axis=0))  # type: ignore[assignment]
+            box = loose_box(obj, sample.slice, rng, self._boxes3d[(sample.case, value)])
+        else:
+            box = expand_box(mask_box(truth), (self.jitter / sx, self.jitter / sy), rng, height, width)  # type: ignore[arg-type]
         extra = None
         if self.distill is not None:
             others = [v for v in self.distill.get((sample.case, sample.slice), ()) if v not in sample.values]
             extra = [mask_box(label[sample.slice] == v) for v in rng.sample(others, min(len(others), DISTILL_BOXES))]
-        item = prepare_sample(self.segmenter, volume, sample.slice, truth, box, self.low_res, extra)
+        item = prepare_sample(self.segmenter, volume, sample.slice, truth, box, self.low_res, extra, self.embed)
         item["group"] = torch.tensor(self.groups[index])
         return item
 
 
 def prepare_sample(segmenter: Segmenter, volume: Volume, k: int, truth: np.ndarray, box: Box,
-                   low_res: int, extra: Sequence[Box] | None = None) -> dict[str, torch.Tensor]:
+                   low_res: int, extra: Sequence[Box] | None = None, embed: bool = False) -> dict[str, torch.Tensor]:
     """Slice k as the model sees it at inference (modality, normaliser, fit, and the zoomed tile
-    for a small box), its target mask at the decoder's output resolution over the model input, and
-    the box in model pixels; with `extra` (slice boxes) also those boxes on the same input
-    (see model_boxes)."""
+    for a small box; with `embed` its embedding, cached), its target mask at the decoder's output
+    resolution over the model input, and the box in model pixels; with `extra` (slice boxes) also
+    those boxes on the same input (see model_boxes)."""
     modality = segmenter.modality_of(volume)
     normaliser = segmenter.normaliser(volume, modality, None, box, k)
     fit = Fit(*volume.slice_shape, segmenter.model.geometry)
@@ -233,7 +261,10 @@ def prepare_sample(segmenter: Segmenter, volume: Volume, k: int, truth: np.ndarr
         fit = Fit(crop[2] - crop[0], crop[3] - crop[1], segmenter.model.geometry)
         truth = truth[crop[0]:crop[2], crop[1]:crop[3]]
         box = (box[0] - crop[1], box[1] - crop[0], box[2] - crop[1], box[3] - crop[0])
-    image = fit.image_to_model(segmenter.slice_input(volume, k, normaliser, crop))[0]
+    if embed:
+        image = segmenter.embedding(volume, k, normaliser, crop)[0].clone()  # a plain tensor, not an inference one
+    else:
+        image = fit.image_to_model(segmenter.slice_input(volume, k, normaliser, crop))[0]
     mask = fit.image_to_model(truth[..., None].astype(np.float32))
     target = (F.interpolate(mask, size=(low_res, low_res), mode="area") > 0.5).float()[0]
     model_box = torch.from_numpy(fit.box_to_model(np.array([box]))[0]).float()

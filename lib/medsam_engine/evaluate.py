@@ -60,7 +60,7 @@ def _read_case(case: Case) -> tuple[Volume, np.ndarray]:
     return volume, label
 
 
-def _eval_2d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator) -> Iterator[dict]:
+def rows_2d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator) -> Iterator[dict]:
     volume, label = _read_case(case)
     modality = seg.modality_of(volume)
     height, width = volume.slice_shape
@@ -110,7 +110,7 @@ def _objects_3d(case: Case) -> Iterator[tuple[Volume, int, np.ndarray, np.ndarra
         yield volume, int(value), gt, np.flatnonzero(gt.any(axis=(1, 2)))
 
 
-def _eval_3d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator) -> Iterator[dict]:
+def rows_3d(seg: Segmenter, case: Case, jitter: float, rng: np.random.Generator) -> Iterator[dict]:
     """One 3D box per object (the union of its slice boxes over its slice range)."""
     for volume, value, gt, slices in _objects_3d(case):
         height, width = volume.slice_shape
@@ -255,7 +255,7 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
     cases = list_cases(datastore)[:limit]
     out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior)
     rng = np.random.default_rng(seed)
-    runs = {"2d": _eval_2d, "3d": _eval_3d, "3d-keys": partial(_eval_3d_keys, keys=keys)}
+    runs = {"2d": rows_2d, "3d": rows_3d, "3d-keys": partial(_eval_3d_keys, keys=keys)}
     if mode not in runs:
         raise EngineInputError(f"unknown eval mode {mode!r}; use one of {', '.join(runs)}")
     run = runs[mode]

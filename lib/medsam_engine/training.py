@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .atomicio import atomic_write
+from .cache import EmbeddingCache
 from .checkpoints import publish, read_json, save_checkpoint, write_json
 from .datastore import Case, label_names, list_cases
 from .dataset import (SliceDataset, SliceSample, distill_objects, index_slices, per_object, split_samples,
@@ -81,6 +82,8 @@ class TrainConfig:
     encoder_lr_scale: float = 0.0  # the image encoder's lr is lr x this (0, the default: encoder frozen)
     weight_decay: float = 0.01
     jitter: float = 5  # model pixels (LiteMedSAM: 256 px; the paper's 0-20 px at 1024)
+    loose_boxes: float = 0.0  # share of training draws prompted with the box 3D propagation gives the slice (dataset.loose_box)
+    embedding_cache_mb: int = 4096  # a frozen encoder's embeddings kept for reuse across draws and epochs; 0: encode every draw
     val_split: float = 0.2
     val_block: int = 4  # validation holds back blocks of this many neighbouring slices
     max_train_slices: int = 0  # 0: all
@@ -110,8 +113,11 @@ class TrainConfig:
             raise EngineInputError("max_epochs and batch_size must be at least 1")
         if not 0 <= self.val_split < 1:
             raise EngineInputError(f"val_split must be in [0, 1), got {self.val_split}")
-        if min(self.jitter, self.max_drop, self.encoder_lr_scale, self.replay, self.distill) < 0:
-            raise EngineInputError("jitter, max_drop, encoder_lr_scale, replay and distill must not be negative")
+        if min(self.jitter, self.max_drop, self.encoder_lr_scale, self.replay, self.distill, self.embedding_cache_mb) < 0:
+            raise EngineInputError("jitter, max_drop, encoder_lr_scale, replay, distill and embedding_cache_mb "
+                                   "must not be negative")
+        if not 0 <= self.loose_boxes <= 1:
+            raise EngineInputError(f"loose_boxes must be in [0, 1], got {self.loose_boxes}")
 
 
 class PromptedSam(nn.Module):
@@ -120,12 +126,14 @@ class PromptedSam(nn.Module):
 
     Each image is decoded with its own box: segment_anything's decoder repeats one embedding per
     prompt, so a batch of images is decoded one by one (the decoder is small next to the encoder).
+    With `embedded` the inputs are the images' embeddings (B, C, h, w), for a frozen encoder.
     """
 
-    def __init__(self, net: nn.Module, freeze_norm_stats: bool = True) -> None:
+    def __init__(self, net: nn.Module, freeze_norm_stats: bool = True, embedded: bool = False) -> None:
         super().__init__()
         self.net = net
         self.freeze_norm_stats = freeze_norm_stats
+        self.embedded = embedded
         for p in net.prompt_encoder.parameters():
             p.requires_grad_(False)
 
@@ -141,7 +149,11 @@ class PromptedSam(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decode(self.net.image_encoder(images), boxes)
+        return self.decode(self.embed(images), boxes)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The embeddings of the inputs: given (`embedded`), else the image encoder's."""
+        return inputs if self.embedded else self.net.image_encoder(inputs)
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, decoder: nn.Module | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +194,7 @@ class Distilled(nn.Module):
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor, extra: torch.Tensor, valid: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        embeddings = self.student.net.image_encoder(images)
+        embeddings = self.student.embed(images)
         logits, iou = self.student.decode(embeddings, boxes)
         owner = torch.arange(images.shape[0], device=images.device).repeat_interleave(extra.shape[1])[valid.flatten()]
         extra = extra.flatten(0, 1)[valid.flatten()]
@@ -610,8 +622,14 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
 
     model = load_model(cfg.model, cfg.checkpoint, str(device))
     model.net.to(memory_format=torch.contiguous_format)  # inference's channels-last layout; DDP buckets want contiguous
-    segmenter = Segmenter(model)
-    net = PromptedSam(model.net, cfg.freeze_norm_stats).to(device)
+    # a frozen encoder in eval mode gives each slice one embedding: computed once (fp32, the module as
+    # trained), then reused; workers would each keep their own cache
+    embedded = (cfg.encoder_lr_scale == 0 and cfg.freeze_norm_stats and cfg.embedding_cache_mb > 0
+                and cfg.num_workers == 0)
+    segmenter = Segmenter(model, cache=EmbeddingCache(max_bytes=cfg.embedding_cache_mb << 20) if embedded else None)
+    if embedded:
+        model.set_encoder("fp32-eager")
+    net = PromptedSam(model.net, cfg.freeze_norm_stats, embedded).to(device)
     if cfg.encoder_lr_scale == 0:  # a frozen image encoder: only the mask decoder learns
         for p in net.net.image_encoder.parameters():
             p.requires_grad_(False)
@@ -634,13 +652,13 @@ def train(cfg: TrainConfig, cases: Sequence[Case], train_samples: Sequence[Slice
         names.append(ANCHOR)
         groups += [len(names) - 1] * len(anchors)
     train_ds = SliceDataset(cases, [*train_samples, *replay], segmenter, train=True, jitter=cfg.jitter,
-                            seed=cfg.seed + ctx.rank, distill=distilled or None)
-    val_ds = SliceDataset(cases, [*val_objects, *anchors], segmenter, train=False, groups=groups)
+                            seed=cfg.seed + ctx.rank, distill=distilled or None, loose=cfg.loose_boxes, embed=embedded)
+    val_ds = SliceDataset(cases, [*val_objects, *anchors], segmenter, train=False, groups=groups, embed=embedded)
     events_dir = str(cfg.output_dir / "events")
     info = {"device": str(device), "autocast": str(dtype).replace("torch.", "") if dtype else None,
             "train_slices": len(train_samples), "val_slices": len({(s.case, s.slice) for s in val_objects}),
             "val_objects": len(val_objects), "anchor_objects": len(anchors), "replay_objects": len(replay),
-            "distill_objects": sum(len(v) for v in distilled.values()),
+            "distill_objects": sum(len(v) for v in distilled.values()), "embeddings_reused": embedded,
             "trainable_parameters": sum(p.numel() for p in params)}
 
     group_dice = GroupDice(names, device)
