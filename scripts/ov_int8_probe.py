@@ -6,11 +6,12 @@ objects with exact boxes, the embedding error, and the encode time, timed interl
 Needs NNCF, which the project does not install:  .venv/bin/pip install nncf==3.4.0
 
     .venv/bin/python scripts/ov_int8_probe.py [--calibration 16] [--rounds 10] [--json out/int8.json]
-        [--keep-fp32 REGEX ...]
+        [--keep-fp32 REGEX ...] [--keep-fp32-types TYPE ...]
 
 `--keep-fp32` keeps the graph's operations whose names match in fp32 (NNCF's ignored scope), e.g.
 `'.*layers\.[123]\..*' '.*neck.*'` quantises only the first stage (its operations are unnamed after
-OpenVINO folds the batch norms).
+OpenVINO folds the batch norms). `--keep-fp32-types` keeps operations of those OpenVINO types, e.g.
+`Convolution GroupConvolution` quantises only the matrix products (the attention stages' linears).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--json", default="out/int8-probe.json")
     p.add_argument("--keep-fp32", nargs="*", default=[], metavar="REGEX", help="operation names left in fp32")
+    p.add_argument("--keep-fp32-types", nargs="*", default=[], metavar="TYPE", help="operation types left in fp32")
     args = p.parse_args()
     import nncf
     import openvino as ov
@@ -97,6 +99,7 @@ def main() -> None:
     start = time.perf_counter()
     quantised = nncf.quantize(fp32.graph, nncf.Dataset(inputs), model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=len(inputs), ignored_scope=nncf.IgnoredScope(patterns=args.keep_fp32,
+                                                                                       types=args.keep_fp32_types,
                                                                                        validate=False))
     quantise_s = time.perf_counter() - start
     int8 = Int8Encoder(ov.Core().compile_model(quantised, "CPU", {"PERFORMANCE_HINT": "LATENCY",
@@ -113,7 +116,7 @@ def main() -> None:
     times = interleaved_ms({"ov-fp32": lambda: fp32(image), "ov-int8": lambda: int8(image)}, args.rounds)
     figures = {
         "cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "calibration_inputs": len(inputs),
-        "kept_fp32": args.keep_fp32,
+        "kept_fp32": args.keep_fp32, "kept_fp32_types": args.keep_fp32_types,
         "quantise_s": round(quantise_s, 1),
         "embedding_max_abs": round(float(error.max()), 4),
         "embedding_mean_rel": round(float(error.mean() / fp32(image).abs().mean()), 4),

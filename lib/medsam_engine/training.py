@@ -10,6 +10,10 @@ never one the publish gate validates on. The decoder is also distilled towards t
 labelled objects of each training slice (none trained on, none the gate scores), the frozen
 starting model's mask probabilities are the targets (see Distilled). Replay and distillation
 together kept every other organ within 2 points on the sample data (scripts/finetune_gain.py).
+With `loose_boxes` > 0 that share of the draws is prompted with the boxes one-box 3D propagation
+gives a slice (see dataset.loose_box); scripts/loose_box_gain.py measured no 3D gain from it on
+the sample data, so it is off by default. A frozen encoder's embeddings are computed once per slice
+and reused.
 
 One code path for one process, MONAI Label's `multi_gpu` (processes spawned by the app) and
 `torchrun` (any number of nodes): the process group comes from the environment (RANK, WORLD_SIZE,
