@@ -91,7 +91,6 @@ def main() -> None:
         print(run, info[run], flush=True)
     seg = Segmenter(load_model("medsam-lite", device="cpu"))
     decoder = seg.model.net.mask_decoder
-    start_state = {k: v.clone() for k, v in decoder.state_dict().items()}
     encoder_state = seg.model.net.image_encoder.state_dict()
     result = {"hold_out": held.image_id, "trained_on": [c.image_id for c in others], "draws": args.draws,
               "lr": args.lr, "seed": args.seed, "runs": info, "scores": {"start": scores(seg, held, names)}}
@@ -103,7 +102,6 @@ def main() -> None:
         decoder.load_state_dict(tuned.mask_decoder.state_dict())
         result["scores"][run] = scores(seg, held, names)
         print(run, result["scores"][run]["3d"], result["scores"][run]["2d"], flush=True)
-    decoder.load_state_dict(start_state)
     result["minutes"] = round((time.time() - start) / 60, 1)
     out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{held.image_id}.json").write_text(json.dumps(result, indent=1) + "\n")
