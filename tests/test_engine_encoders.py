@@ -22,7 +22,9 @@ from medsam_engine.models import InputGeometry, SamModel, build_medsam_lite, bui
 
 # Largest deviation from fp32 eager allowed, as (max abs, mean abs / mean |reference|). fp32
 # backends reorder sums only; bf16 keeps 8 bits of mantissa (measured about 3-4e-2 mean relative).
-TOLERANCE = {"fp32-traced": (1e-4, 1e-5), "ov-fp32": (1e-4, 1e-5), "bf16-eager": (0.5, 0.06), "ov-bf16": (0.5, 0.06)}
+TOLERANCE = {"fp32-traced": (1e-4, 1e-5), "ov-fp32": (1e-4, 1e-5), "bf16-eager": (0.5, 0.06), "ov-bf16": (0.5, 0.06),
+             "ov-mixed": (0.5, 0.06)}
+BF16 = {"bf16-eager", "ov-bf16", "ov-mixed"}  # backends that compute in bf16 (all or part)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_backend_matches_fp32_eager_on_a_ct_slice(lite: SamModel, ct_slice, name
     max_abs, mean_rel = TOLERANCE[name]
     error = (embedding - reference).abs()
     assert error.max() < max_abs and error.mean() / reference.abs().mean() < mean_rel, (error.max(), error.mean())
-    if "bf16" in name:
+    if name in BF16:
         assert error.max() > 1e-3  # a bf16 backend that ran in fp32 is not bf16
     # the masks: the slice's objects segmented from either embedding: the same DSC to 0.005 (the
     # issue's bar), and the same masks but for a few boundary pixels
@@ -88,7 +90,7 @@ def test_backend_matches_fp32_eager_on_a_ct_slice(lite: SamModel, ct_slice, name
     backend_dsc, masks = _slice_dsc(lite, embedding, label)
     assert len(masks) >= 4 and abs(backend_dsc - reference_dsc) <= 0.005, (backend_dsc, reference_dsc)
     agreement = [dice(a, b) for a, b in zip(reference_masks, masks)]
-    assert np.median(agreement) > (0.99 if "bf16" in name else 0.9999), agreement
+    assert np.median(agreement) > (0.99 if name in BF16 else 0.9999), agreement
     lite.set_encoder("fp32-eager")
     assert not torch.equal(_embedding(lite, name, image * 0.5), embedding)  # the graph depends on its input
 
@@ -105,7 +107,7 @@ def test_a_restart_reads_the_converted_graph_from_disk(lite: SamModel, encoder_c
     _, image = _model_input(lite, ct_slice)
     first = _embedding(lite, "ov-fp32", image)
     assert lite.encoder_backend().source in ("export", "cache")
-    graphs = sorted(p.name for p in encoder_cache.glob("*.xml"))
+    graphs = sorted(p.name for p in encoder_cache.glob("medsam-lite-*.xml"))  # whole graphs (not ov-mixed's parts)
     assert len(graphs) == 1 and graphs[0].startswith(lite.version.replace("@", "-"))
     assert not list(encoder_cache.glob(".*")), "a temporary was left behind"
     again = build_medsam_lite(device="cpu", encoder_cache=encoder_cache)
@@ -129,7 +131,7 @@ def test_published_weights_get_their_own_graph(lite: SamModel, encoder_cache: Pa
     assert tuned.encoder_backend().source == "export"
     assert (new - _embedding(tuned, "fp32-eager", image)).abs().max() < 1e-4
     assert (new - old).abs().max() > 1e-2
-    assert len(list(encoder_cache.glob("*.xml"))) == 2
+    assert len(list(encoder_cache.glob("medsam-lite-*.xml"))) == 2
 
 
 def test_a_damaged_cached_graph_is_converted_again(tmp_path: Path, tiny_vit_checkpoint: Path,
@@ -168,6 +170,37 @@ def test_missing_openvino_falls_back_to_the_trace_with_one_log_line(
     assert not list(tmp_path.iterdir())  # nothing converted, nothing written
 
 
+def test_mixed_runs_the_first_stage_in_fp32_and_the_rest_in_bf16(lite: SamModel, ct_slice, encoder_cache: Path) -> None:
+    """ov-mixed: its first graph gives the torch first stage's output (fp32), its second the rest of
+    the encoder within bf16's error but not fp32's; a second instance reads both graphs from disk."""
+    from medsam_engine.encoders import MixedOpenVinoEncoder
+    from medsam_engine.stages import split_after_first_stage
+
+    _, image = _model_input(lite, ct_slice)
+    head, tail = split_after_first_stage(lite.net.image_encoder)
+    with torch.inference_mode():
+        middle = head(image)
+        rest = tail(middle)
+    mixed = MixedOpenVinoEncoder(lite.net.image_encoder, lite.version, tuple(image.shape), encoder_cache)
+    assert (mixed.head(image) - middle).abs().max() < 1e-4
+    error = (mixed.tail(middle) - rest).abs()
+    assert 1e-3 < error.max() < 0.5 and error.mean() / rest.abs().mean() < 0.06, (error.max(), error.mean())
+    again = MixedOpenVinoEncoder(lite.net.image_encoder, lite.version, tuple(image.shape), encoder_cache)
+    assert again.source == "cache" and torch.allclose(again(image), mixed(image), atol=1e-6)
+
+
+def test_mixed_on_a_model_that_is_not_tinyvit_falls_back_with_one_log_line(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, tiny_vit_checkpoint: Path) -> None:
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    model = build_sam_vit(tiny_vit_checkpoint, TINY_VIT_SPEC, name="tiny-vit", device="cpu", encoder_cache=tmp_path)
+    model.set_encoder("ov-mixed")
+    with caplog.at_level(logging.INFO, logger="medsam_engine.encoders"):
+        model.encode(image)
+        assert model.encoder_variant == FALLBACK
+    lines = [r.getMessage() for r in caplog.records if r.name == "medsam_engine.encoders"]
+    assert len(lines) == 1 and "encoder ov-mixed unavailable (ValueError" in lines[0] and "not a TinyViT" in lines[0]
+
+
 def test_encoder_choice_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """MEDSAM_ENCODER names a backend; without it the older MEDSAM_PRECISION / MEDSAM_GRAPH still
     choose bf16 autocast / the eager or traced fp32 graph; an argument wins over both."""
@@ -204,7 +237,7 @@ def test_old_graphs_of_a_model_are_pruned(tmp_path: Path) -> None:
         "medsam-lite-bbb", "medsam-lite-bbb", "medsam-lite-ccc", "medsam-lite-ccc", "tiny-vit-ddd", "tiny-vit-ddd"]
 
 
-@pytest.mark.parametrize("name", ["ov-fp32", "fp32-traced"])
+@pytest.mark.parametrize("name", ["ov-fp32", "ov-mixed", "fp32-traced"])
 def test_encode_many_gives_each_inputs_own_embedding_in_order(lite: SamModel, ct_slice, name: str) -> None:
     _, image = _model_input(lite, ct_slice)
     images = [image, image * 0.5, image.flip(-1)]
