@@ -87,7 +87,7 @@ def main() -> None:
 
     slices = eval_slices()
     seg = Segmenter(sam, EmbeddingCache())
-    name0, volume0, _, k0 = slices[0]
+    _, volume0, _, k0 = slices[0]
     probe = Fit(*volume0.slice_shape, sam.geometry).image_to_model(
         seg.slice_input(volume0, k0, seg.normaliser(volume0, "CT", "soft_tissue", (0, 0, 1, 1), k0)))
     rows, reference, reference_embedding = [], None, None
