@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO / "lib"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from medsam_engine import Segmenter, load_model  # noqa: E402
-from medsam_engine.bench import _slice_dsc, cpu_name  # noqa: E402
+from medsam_engine.bench import _slice_dsc  # noqa: E402
+from medsam_engine.timing import cpu_name  # noqa: E402
 from medsam_engine.cache import EmbeddingCache  # noqa: E402
 from medsam_engine.geometry import Fit  # noqa: E402
 from medsam_engine.stages import tinyvit_stages  # noqa: E402

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
 from medsam_engine import Segmenter, load_model  # noqa: E402
-from medsam_engine.bench import _slice_dsc, cpu_name  # noqa: E402
+from medsam_engine.bench import _slice_dsc  # noqa: E402
+from medsam_engine.timing import cpu_name  # noqa: E402
 from medsam_engine.cache import EmbeddingCache  # noqa: E402
 from medsam_engine.geometry import Fit  # noqa: E402
 from medsam_engine.imageio import read_image  # noqa: E402

@@ -48,7 +48,8 @@ sys.path.insert(0, str(REPO / "lib"))
 from ov_int8_probe import EVAL, calibration_inputs, eval_slices  # noqa: E402  (this script's folder)
 
 from medsam_engine import Segmenter, load_model  # noqa: E402
-from medsam_engine.bench import _slice_dsc, cpu_name  # noqa: E402
+from medsam_engine.bench import _slice_dsc  # noqa: E402
+from medsam_engine.timing import cpu_name  # noqa: E402
 from medsam_engine.cache import EmbeddingCache  # noqa: E402
 from medsam_engine.encoders import build_encoder  # noqa: E402
 from medsam_engine.geometry import Fit  # noqa: E402

@@ -4,6 +4,7 @@ converted OpenVINO graphs are read back from disk, and weights published by trai
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ import torch
 from engine_helpers import TINY_VIT_SPEC, dice, tiny_sam
 from medsam_engine import ModelLoadError, Segmenter, load_model
 from medsam_engine.checkpoints import publish
+from medsam_engine.encoder_choice import AUTO, MIXED_SHARE, decide
 from medsam_engine.encoders import ENCODERS, FALLBACK, prune_graphs
 from medsam_engine.geometry import Fit, mask_box
 from medsam_engine.models import InputGeometry, SamModel, build_medsam_lite, build_sam_vit
@@ -72,7 +74,7 @@ def _slice_dsc(model: SamModel, embedding: torch.Tensor, label: np.ndarray) -> t
     return float(np.mean([dice(m, label == v) for m, v in zip(masks, values)])), masks
 
 
-@pytest.mark.parametrize("name", [n for n in ENCODERS if n != "fp32-eager"])
+@pytest.mark.parametrize("name", [n for n in ENCODERS if n not in ("fp32-eager", AUTO)])
 def test_backend_matches_fp32_eager_on_a_ct_slice(lite: SamModel, ct_slice, name: str) -> None:
     _, image = _model_input(lite, ct_slice)
     reference = _embedding(lite, "fp32-eager", image)
@@ -96,11 +98,13 @@ def test_backend_matches_fp32_eager_on_a_ct_slice(lite: SamModel, ct_slice, name
 
 
 def test_each_backend_has_its_own_cache_identity(lite: SamModel) -> None:
-    ids = set()
+    """ov-auto's embeddings are those of the backend it chose, and share their identity."""
+    ids = {}
     for name in ENCODERS:
         lite.set_encoder(name)
-        ids.add(lite.cache_id)
-    assert len(ids) == len(ENCODERS) and all(i.startswith(lite.version + ":") for i in ids)
+        ids[name] = lite.cache_id
+    assert len(set(ids.values())) == len(ENCODERS) - 1 and all(i.startswith(lite.version + ":") for i in ids.values())
+    assert ids[AUTO] in (ids["ov-fp32"], ids["ov-mixed"])
 
 
 def test_a_restart_reads_the_converted_graph_from_disk(lite: SamModel, encoder_cache: Path, ct_slice) -> None:
@@ -148,7 +152,7 @@ def test_a_damaged_cached_graph_is_converted_again(tmp_path: Path, tiny_vit_chec
     assert graph.read_text().startswith("<?xml")  # replaced by the new conversion
 
 
-@pytest.mark.parametrize("name", ["ov-fp32", "ov-bf16"])
+@pytest.mark.parametrize("name", ["ov-fp32", "ov-bf16", AUTO])
 def test_missing_openvino_falls_back_to_the_trace_with_one_log_line(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path,
         tiny_vit_checkpoint: Path, name: str) -> None:
@@ -212,7 +216,7 @@ def test_encoder_choice_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         return SamModel("m", net, InputGeometry(8, True), "v").encoder
 
     net = tiny_sam()
-    assert chosen() == "ov-fp32"
+    assert chosen() == AUTO
     assert chosen(MEDSAM_ENCODER="ov-fp32") == "ov-fp32"
     assert chosen(MEDSAM_ENCODER="fp32-eager", MEDSAM_PRECISION="bf16") == "fp32-eager"
     assert chosen(MEDSAM_PRECISION="bf16") == "bf16-eager"
@@ -261,3 +265,73 @@ def test_openvino_encode_many_runs_concurrent_streams(lite: SamModel, ct_slice, 
     assert encoder._throughput is not None and encoder._throughput.get_property("NUM_STREAMS") >= 2
     for got, x in zip(together, images):
         assert (got - encoder(x)).abs().max() < 1e-4
+
+
+# ---- ov-auto: the faster of ov-fp32 and ov-mixed on this machine, timed once ---------------------
+def _auto_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "medsam_engine.encoder_choice"]
+
+
+def test_auto_times_both_candidates_once_and_remembers_its_choice(
+        tmp_path: Path, ct_slice, caplog: pytest.LogCaptureFixture) -> None:
+    """The first encode builds ov-fp32 and ov-mixed, times them, keeps the one `decide` picks from the
+    recorded times and writes the choice beside the graphs; a restart builds only that one, untimed,
+    and gives the same embedding."""
+    from medsam_engine.encoders import MixedOpenVinoEncoder, OpenVinoEncoder
+
+    model = build_medsam_lite(device="cpu", encoder_cache=tmp_path)
+    _, image = _model_input(model, ct_slice)
+    model.set_encoder(AUTO)
+    with caplog.at_level(logging.INFO, logger="medsam_engine.encoder_choice"):
+        first = model.encode(image)
+    record = json.loads(next(tmp_path.glob("*.choice.json")).read_text())
+    assert set(record["ms"]) == {"ov-fp32", "ov-mixed"} and all(v > 0 for v in record["ms"].values())
+    assert record["chosen"] == decide(record["ms"]) == model.encoder_variant
+    assert record["machine"].endswith(f"{torch.get_num_threads()} threads")
+    assert len(_auto_lines(caplog)) == 1 and record["chosen"] in _auto_lines(caplog)[0]
+    caplog.clear()
+    again = build_medsam_lite(device="cpu", encoder_cache=tmp_path)
+    again.set_encoder(AUTO)
+    with caplog.at_level(logging.INFO, logger="medsam_engine.encoder_choice"):
+        assert torch.equal(again.encode(image), first)
+    assert again.encoder_variant == record["chosen"] and not _auto_lines(caplog)
+    kind = MixedOpenVinoEncoder if record["chosen"] == "ov-mixed" else OpenVinoEncoder
+    assert type(again.encoder_backend()) is kind and again.encoder_backend().source == "cache"
+
+
+def test_auto_times_again_on_another_machine(tmp_path: Path, ct_slice, caplog: pytest.LogCaptureFixture) -> None:
+    """A choice remembered for another CPU (the cache directory moved) is timed again and replaced."""
+    model = build_medsam_lite(device="cpu", encoder_cache=tmp_path)
+    _, image = _model_input(model, ct_slice)
+    model.set_encoder(AUTO)
+    model.encode(image)
+    path = next(tmp_path.glob("*.choice.json"))
+    elsewhere = {"chosen": "ov-mixed", "ms": {"ov-fp32": 1.0, "ov-mixed": 0.1}, "machine": "another CPU, 64 threads"}
+    path.write_text(json.dumps(elsewhere))
+    again = build_medsam_lite(device="cpu", encoder_cache=tmp_path)
+    again.set_encoder(AUTO)
+    with caplog.at_level(logging.INFO, logger="medsam_engine.encoder_choice"):
+        again.encode(image)
+    record = json.loads(path.read_text())
+    assert record["machine"] != elsewhere["machine"] and record["ms"] != elsewhere["ms"]
+    assert len(_auto_lines(caplog)) == 1 and again.encoder_variant == record["chosen"]
+
+
+def test_auto_keeps_fp32_unless_mixed_is_clearly_faster() -> None:
+    assert decide({"ov-fp32": 100.0, "ov-mixed": 100.0 * MIXED_SHARE + 1}) == "ov-fp32"
+    assert decide({"ov-fp32": 100.0, "ov-mixed": 100.0 * MIXED_SHARE}) == "ov-mixed"
+    assert decide({"ov-fp32": 100.0, "ov-mixed": 140.0}) == "ov-fp32"
+    assert decide({"ov-fp32": 100.0}) == "ov-fp32"
+
+
+def test_auto_on_a_model_that_is_not_tinyvit_is_ov_fp32_untimed(tmp_path: Path, tiny_vit_checkpoint: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    model = build_sam_vit(tiny_vit_checkpoint, TINY_VIT_SPEC, name="tiny-vit", device="cpu", encoder_cache=tmp_path)
+    model.set_encoder(AUTO)
+    with caplog.at_level(logging.INFO):
+        embedding = model.encode(image)
+    assert model.encoder_variant == "ov-fp32" and not _auto_lines(caplog)
+    assert not list(tmp_path.glob("*.choice.json")) and "unavailable" not in caplog.text
+    model.set_encoder("fp32-eager")
+    assert (embedding - model.encode(image)).abs().max() < 1e-4

@@ -112,7 +112,7 @@ def test_contiguous_decoder_trains_like_the_library_decoder() -> None:
 
 
 def test_bad_encoder_is_refused() -> None:
-    with pytest.raises(ModelLoadError, match="encoder must be one of .*ov-bf16, ov-mixed, got 'onnx'"):
+    with pytest.raises(ModelLoadError, match="encoder must be one of .*ov-mixed, ov-auto, got 'onnx'"):
         SamModel("m", torch.nn.Identity(), InputGeometry(8, True), "v", encoder="onnx")
 
 

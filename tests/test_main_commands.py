@@ -86,6 +86,7 @@ def test_bench_reports_engine_figures(tiny_datastore: Path, tmp_path: Path) -> N
     assert figures["volume_slices"] == 3
     assert figures["cpu_count"] >= 1 and figures["torch_threads"] >= 1 and figures["device"] == "cpu"
     assert set(figures["variants"]) == {"fp32-eager", "bf16-eager", "fp32-traced", "ov-fp32", "ov-bf16", "ov-mixed"}
+    assert figures["auto_chose"] in ("ov-fp32", "ov-mixed") and figures["auto_first_encode_s"] > 0
     assert figures["variants"]["fp32-eager"]["ratio_to_fp32_eager"] == 1.0
     assert figures["volume_ratio_to_eager"] > 0 and figures["encoder_variant"] in figures["variants"]
     assert figures["volume_dsc"] > 0.5

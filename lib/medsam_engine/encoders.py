@@ -7,6 +7,7 @@
     ov-bf16      OpenVINO's CPU runtime with the bf16 inference-precision hint
     ov-mixed     OpenVINO's CPU runtime, LiteMedSAM's first (convolutional) stage in fp32 and the
                  rest with the bf16 hint, as two graphs run in turn (figures in the README's "Bench")
+    ov-auto      the faster of ov-fp32 and ov-mixed on this machine, timed once (encoder_choice.py)
 
 OpenVINO graphs are converted from the torch module (`openvino.convert_model`) once and kept on disk
 as IR files in `encoder_cache_dir()`, named by the weights' version (which carries the checkpoint's
@@ -29,11 +30,13 @@ import torch
 from torch import nn
 
 from .atomicio import staged
-from .stages import split_after_first_stage
+from .encoder_choice import AUTO, choice_path, choose
+from .stages import split_after_first_stage, tinyvit_stages
+from .timing import cpu_name
 
 logger = logging.getLogger(__name__)
 
-ENCODERS = ("fp32-eager", "bf16-eager", "fp32-traced", "ov-fp32", "ov-bf16", "ov-mixed")
+ENCODERS = ("fp32-eager", "bf16-eager", "fp32-traced", "ov-fp32", "ov-bf16", "ov-mixed", AUTO)
 FALLBACK = "fp32-traced"
 CACHE_KEEP = 4  # converted graphs kept per model name (older versions' are deleted)
 
@@ -252,18 +255,44 @@ def prune_graphs(path: Path, keep: int = CACHE_KEEP) -> list[Path]:
     return graphs[keep:]
 
 
+def _openvino(name: str, module: nn.Module, version: str, shape: tuple[int, ...], cache_dir: Path) -> Encoder:
+    """The OpenVINO backend `name` (ov-fp32, ov-bf16 or ov-mixed); raises when it cannot be had."""
+    if name == "ov-mixed":
+        return MixedOpenVinoEncoder(module, version, shape, cache_dir)
+    return OpenVinoEncoder(module, version, shape, name.removeprefix("ov-"), cache_dir)
+
+
+def auto_candidates(module: nn.Module) -> list[str]:
+    """What `ov-auto` chooses among for `module`: ov-fp32, and ov-mixed for a TinyViT encoder."""
+    try:
+        tinyvit_stages(module)
+    except ValueError:
+        return ["ov-fp32"]
+    return ["ov-fp32", "ov-mixed"]
+
+
 def build_encoder(name: str, module: nn.Module, device: torch.device, version: str, shape: tuple[int, ...],
                   cache_dir: Path | None = None) -> tuple[str, Encoder]:
-    """The backend `name` for `module`, ready for inputs of `shape`, as (name actually used, encoder).
+    """The backend `name` for `module`, ready for inputs of `shape`, as (name actually used, encoder):
+    for `ov-auto`, the candidate it chose.
 
     An OpenVINO backend that cannot be had gives FALLBACK, logged once."""
     if name.startswith("ov-"):
         try:
             if device.type != "cpu":
                 raise RuntimeError(f"OpenVINO backends run on the CPU, not {device}")
-            if name == "ov-mixed":
-                return name, MixedOpenVinoEncoder(module, version, shape, cache_dir or encoder_cache_dir())
-            return name, OpenVinoEncoder(module, version, shape, name.removeprefix("ov-"), cache_dir or encoder_cache_dir())
+            cache_dir = cache_dir or encoder_cache_dir()
+            if name == AUTO:
+                import openvino as ov  # ImportError when not installed: fall back
+
+                candidates = auto_candidates(module)
+                if len(candidates) == 1:
+                    return candidates[0], _openvino(candidates[0], module, version, shape, cache_dir)
+                record = choice_path(cache_dir, version, shape, ov.__version__)
+                machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+                return choose(lambda n: _openvino(n, module, version, shape, cache_dir), candidates, shape,
+                              record, machine)  # type: ignore[return-value]
+            return name, _openvino(name, module, version, shape, cache_dir)
         except Exception as exc:  # noqa: BLE001 - ImportError, conversion or compile errors of any type
             logger.warning("encoder %s unavailable (%s: %s); using %s", name, type(exc).__name__,
                            str(exc).splitlines()[0] if str(exc) else "", FALLBACK)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import fuse_attention
 from .decoder import predict_masks
+from .encoder_choice import AUTO
 from .encoders import Encoder, build_encoder, requested_encoder
 from .errors import ModelLoadError
 
@@ -44,18 +45,18 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def default_encoder(device: torch.device) -> str:
-    """bf16 autocast on a GPU; on a CPU, OpenVINO in fp32 (the fastest variant in every bench run,
-    with the fp32 masks; its bf16 was slower and moved masks: figures in the README's "Bench")."""
+    """bf16 autocast on a GPU; on a CPU, `ov-auto`: OpenVINO fp32 or, where its bf16 is faster,
+    `ov-mixed`, timed once per machine (encoder_choice.py; figures in the README's "Bench")."""
     if device.type == "cuda":
         return "bf16-eager" if bf16_supported(device) else "fp32-eager"
-    return "ov-fp32"
+    return AUTO
 
 
 class SamModel:
     """A SAM-style network (image encoder, prompt encoder, mask decoder) with its identity.
 
     `encoder` is how the image encoder runs, one of `encoders.ENCODERS` (default: env
-    MEDSAM_ENCODER, else `default_encoder`: OpenVINO fp32 on a CPU, bf16 autocast on a GPU; see encoders.py and the README's "Bench"). The backend is made at the
+    MEDSAM_ENCODER, else `default_encoder`: `ov-auto` on a CPU, bf16 autocast on a GPU; see encoders.py and the README's "Bench"). The backend is made at the
     first encode (or first look at `encoder_variant`); one that cannot be had falls back to the
     fp32 trace, and `encoder_variant` then names the fallback. The decoder always runs in fp32 torch.
     Converted graphs are kept in `encoder_cache` (default `encoders.encoder_cache_dir()`).
@@ -101,7 +102,8 @@ class SamModel:
 
     @property
     def encoder_variant(self) -> str:
-        """The encoder backend in use: the chosen one, or the fallback when it could not be had."""
+        """The encoder backend in use: the chosen one (for `ov-auto`, the candidate it chose), or the
+        fallback when it could not be had."""
         return self._backend()[0]
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from pathlib import Path
 from statistics import median
@@ -47,3 +48,14 @@ def rss_mb() -> float | None:
     except OSError:
         pass
     return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (as lscpu gives it), else platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
