@@ -130,7 +130,8 @@ def run_bench(json_path: str | Path, datastore: str | Path, model: str = "medsam
         sam.encode(image)
         first_s = time.perf_counter() - start
         if name == AUTO:
-            results.update({"auto_chose": sam.encoder_variant, "auto_first_encode_s": round(first_s, 2)})
+            results.update({"auto_chose": sam.encoder_variant, "auto_first_encode_s": round(first_s, 2),
+                            "rss_default_warm_mb": rss_mb()})
             continue
         if sam.encoder_variant != name:
             skipped[name] = f"unavailable, fell back to {sam.encoder_variant}"
