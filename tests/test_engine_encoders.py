@@ -235,11 +235,10 @@ def test_old_graphs_of_a_model_are_pruned(tmp_path: Path) -> None:
             path = tmp_path / f"{name}_1x3x256x256_ov1.xml"
             path.with_suffix(suffix).write_text("x")
             os.utime(path.with_suffix(suffix), (1000 + i, 1000 + i))
-        (tmp_path / f"{name}_1x3x256x256_ov1.choice.json").write_text("{}")
     removed = prune_graphs(tmp_path / "medsam-lite-ccc_1x3x256x256_ov1.xml", keep=2)
     assert [p.name.split("_")[0] for p in removed] == ["medsam-lite-aaa"]
-    assert sorted(p.name.split("_")[0] for p in tmp_path.iterdir()) == sorted(
-        [f"{name}" for name in ("medsam-lite-bbb", "medsam-lite-ccc", "tiny-vit-ddd") for _ in range(3)])
+    assert sorted(p.name.split("_")[0] for p in tmp_path.iterdir()) == [
+        "medsam-lite-bbb", "medsam-lite-bbb", "medsam-lite-ccc", "medsam-lite-ccc", "tiny-vit-ddd", "tiny-vit-ddd"]
 
 
 @pytest.mark.parametrize("name", ["ov-fp32", "ov-mixed", "fp32-traced"])
@@ -277,27 +276,39 @@ def test_auto_times_both_candidates_once_and_remembers_its_choice(
         tmp_path: Path, ct_slice, caplog: pytest.LogCaptureFixture) -> None:
     """The first encode builds ov-fp32 and ov-mixed, times them, keeps the one `decide` picks from the
     recorded times and writes the choice beside the graphs; a restart builds only that one, untimed,
-    and gives the same embedding."""
+    and gives the same embedding; so do weights published by training (the choice is the model's)."""
     from medsam_engine.encoders import MixedOpenVinoEncoder, OpenVinoEncoder
 
-    model = build_medsam_lite(device="cpu", encoder_cache=tmp_path)
+    cache = tmp_path / "cache"
+    model = build_medsam_lite(device="cpu", encoder_cache=cache)
     _, image = _model_input(model, ct_slice)
     model.set_encoder(AUTO)
     with caplog.at_level(logging.INFO, logger="medsam_engine.encoder_choice"):
         first = model.encode(image)
-    record = json.loads(next(tmp_path.glob("*.choice.json")).read_text())
+    record = json.loads(next(cache.glob("*.choice_*.json")).read_text())
     assert set(record["ms"]) == {"ov-fp32", "ov-mixed"} and all(v > 0 for v in record["ms"].values())
     assert record["chosen"] == decide(record["ms"]) == model.encoder_variant
     assert record["machine"].endswith(f"{torch.get_num_threads()} threads")
     assert len(_auto_lines(caplog)) == 1 and record["chosen"] in _auto_lines(caplog)[0]
     caplog.clear()
-    again = build_medsam_lite(device="cpu", encoder_cache=tmp_path)
+    again = build_medsam_lite(device="cpu", encoder_cache=cache)
     again.set_encoder(AUTO)
     with caplog.at_level(logging.INFO, logger="medsam_engine.encoder_choice"):
         assert torch.equal(again.encode(image), first)
     assert again.encoder_variant == record["chosen"] and not _auto_lines(caplog)
     kind = MixedOpenVinoEncoder if record["chosen"] == "ov-mixed" else OpenVinoEncoder
     assert type(again.encoder_backend()) is kind and again.encoder_backend().source == "cache"
+    state = {k: v.clone() for k, v in model.net.state_dict().items()}
+    neck = [k for k in state if k.startswith("image_encoder.neck") and k.endswith("weight")][0]
+    state[neck] += 0.05 * torch.randn(state[neck].shape, generator=torch.Generator().manual_seed(1))
+    publish(tmp_path / "model" / "medsam-lite.pt", state, "medsam-lite", {"run_id": "test"})
+    tuned = load_model("medsam-lite", str(tmp_path / "model" / "medsam-lite.pt"), device="cpu")
+    tuned.encoder_cache = cache
+    tuned.set_encoder(AUTO)
+    with caplog.at_level(logging.INFO, logger="medsam_engine.encoder_choice"):
+        assert not torch.equal(tuned.encode(image), first)
+    assert tuned.version != model.version and tuned.encoder_variant == record["chosen"] and not _auto_lines(caplog)
+    assert type(tuned.encoder_backend()) is kind and tuned.encoder_backend().source == "export"
 
 
 def test_auto_times_again_on_another_machine(tmp_path: Path, ct_slice, caplog: pytest.LogCaptureFixture) -> None:
@@ -306,7 +317,7 @@ def test_auto_times_again_on_another_machine(tmp_path: Path, ct_slice, caplog: p
     _, image = _model_input(model, ct_slice)
     model.set_encoder(AUTO)
     model.encode(image)
-    path = next(tmp_path.glob("*.choice.json"))
+    path = next(tmp_path.glob("*.choice_*.json"))
     elsewhere = {"chosen": "ov-mixed", "ms": {"ov-fp32": 1.0, "ov-mixed": 0.1}, "machine": "another CPU, 64 threads"}
     path.write_text(json.dumps(elsewhere))
     again = build_medsam_lite(device="cpu", encoder_cache=tmp_path)
@@ -333,6 +344,6 @@ def test_auto_on_a_model_that_is_not_tinyvit_is_ov_fp32_untimed(tmp_path: Path, 
     with caplog.at_level(logging.INFO):
         embedding = model.encode(image)
     assert model.encoder_variant == "ov-fp32" and not _auto_lines(caplog)
-    assert not list(tmp_path.glob("*.choice.json")) and "unavailable" not in caplog.text
+    assert not list(tmp_path.glob("*.choice_*.json")) and "unavailable" not in caplog.text
     model.set_encoder("fp32-eager")
     assert (embedding - model.encode(image)).abs().max() < 1e-4

@@ -4,8 +4,9 @@ OpenVINO's bf16 hint is faster than its fp32 on some CPUs and slower on others (
 AMD EPYC and an Intel Xeon), so the choice is timed: at the first encode, interleaved rounds of
 each candidate, and `ov-mixed` is kept only when it takes at most `MIXED_SHARE` of fp32's time (its
 bf16 tail moves embeddings a little, so a tie goes to fp32). The choice is remembered on disk beside
-the graphs, per weights, input shape, OpenVINO version, CPU and thread count, so a restart builds
-only the chosen backend.
+the graphs, per model (not per weights: fine-tuned weights run at the same speed), input shape,
+OpenVINO version, CPU and thread count, so a restart or a newly published checkpoint builds only the
+chosen backend.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class Choice:
 
 
 def choice_path(cache_dir: Path, version: str, shape: tuple[int, ...], ov_version: str) -> Path:
-    """Where the choice for weights `version` at input `shape` is remembered."""
-    return cache_dir / f"{version.replace('@', '-')}_{'x'.join(map(str, shape))}_ov{ov_version.split('-')[0]}.choice.json"
+    """Where the choice for the model of weights `version` ("name@hash") at input `shape` is remembered."""
+    name = version.partition("@")[0]
+    return cache_dir / f"{name}.choice_{'x'.join(map(str, shape))}_ov{ov_version.split('-')[0]}.json"
 
 
 def read_choice(path: Path, machine: str, candidates: Sequence[str]) -> Choice | None:

@@ -245,15 +245,13 @@ def save_graph(ov, graph, path: Path) -> None:
 
 
 def prune_graphs(path: Path, keep: int = CACHE_KEEP) -> list[Path]:
-    """Delete all but the `keep` newest graphs of the model `path` belongs to, with the `ov-auto`
-    choices made for them; return the deleted .xml paths."""
+    """Delete all but the `keep` newest graphs of the model `path` belongs to; return the deleted .xml paths."""
     model_name = path.name.rsplit("-", 1)[0]
     graphs = sorted((p for p in path.parent.glob(f"{model_name}-*.xml") if p.name.rsplit("-", 1)[0] == model_name),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for old in graphs[keep:]:
         old.unlink(missing_ok=True)
         old.with_suffix(".bin").unlink(missing_ok=True)
-        old.with_suffix(".choice.json").unlink(missing_ok=True)
     return graphs[keep:]
 
 
