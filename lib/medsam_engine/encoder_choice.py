@@ -78,7 +78,8 @@ def choose(build: Callable[[str], object], candidates: Sequence[str], shape: tup
         try:
             built[name] = build(name)
         except Exception as exc:  # noqa: BLE001 - a candidate's conversion or compile error of any type
-            logger.warning("encoder %s left out of %s (%s: %s)", name, AUTO, type(exc).__name__, str(exc).splitlines()[:1])
+            logger.warning("encoder %s left out of %s (%s: %s)", name, AUTO, type(exc).__name__,
+                           (str(exc).splitlines() or [""])[0])
             error = exc
     if not built:
         raise error or RuntimeError(f"no {AUTO} candidate")
