@@ -347,3 +347,23 @@ def test_auto_on_a_model_that_is_not_tinyvit_is_ov_fp32_untimed(tmp_path: Path, 
     assert not list(tmp_path.glob("*.choice_*.json")) and "unavailable" not in caplog.text
     model.set_encoder("fp32-eager")
     assert (embedding - model.encode(image)).abs().max() < 1e-4
+
+
+def test_auto_leaves_out_a_candidate_that_cannot_be_built(tmp_path: Path, tiny_vit_checkpoint: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """ov-mixed cannot be had for a ViT: asked to choose between both anyway, `choose` logs it as left
+    out, serves ov-fp32, and remembers nothing (the next start tries both again)."""
+    from medsam_engine.encoder_choice import choose
+    from medsam_engine.encoders import _openvino
+
+    model = build_sam_vit(tiny_vit_checkpoint, TINY_VIT_SPEC, name="tiny-vit", device="cpu")
+    shape = (1, 3, 256, 256)
+    record = tmp_path / "choice.json"
+    with caplog.at_level(logging.INFO, logger="medsam_engine.encoder_choice"):
+        name, encoder = choose(lambda n: _openvino(n, model.net.image_encoder, model.version, shape, tmp_path),
+                               ["ov-fp32", "ov-mixed"], shape, record, "this CPU", rounds=1)
+    lines = _auto_lines(caplog)
+    assert name == "ov-fp32" and not record.exists()
+    assert "encoder ov-mixed left out of ov-auto (ValueError: " in lines[0] and "not a TinyViT" in lines[0]
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    assert (encoder(image) - model.net.image_encoder(image)).abs().max() < 1e-4
