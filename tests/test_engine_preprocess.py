@@ -13,6 +13,7 @@ from medsam_engine.preprocess import (
     PercentileClip,
     Window,
     auto_window,
+    drawn_around_bone,
     infer_modality,
     normalise_modality,
     parse_window,
@@ -208,3 +209,72 @@ def test_soft_tissue_box_in_lung_gets_the_lung_window(lite_model, surround: floa
     segmenter = Segmenter(lite_model)
     window = segmenter.normaliser(volume, "CT", None, (24.0, 24.0, 39.0, 39.0), 1)
     assert window == Window(name, *CT_WINDOWS[name])
+
+
+# ---- bone window for a 3D box drawn around a bone ------------------------------------------
+def _plane_with_bone(columns: slice, ring_bone: bool = False) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """A soft-tissue plane with bone (600 HU) in the given columns of a 41-px box at (30, 30), and
+    around the box as well when `ring_bone`."""
+    plane = np.full((101, 101), 40.0, dtype=np.float32)
+    if ring_bone:
+        plane[10:91, 10:91] = 600.0
+        plane[30:71, 30:71] = 40.0
+    plane[30:71, columns] = 600.0
+    return plane, (30.0, 30.0, 70.0, 70.0)
+
+
+@pytest.mark.parametrize("columns, ring_bone, expected", [
+    (slice(48, 52), False, True),  # a 4-px band through the middle: 4 of its 25 columns
+    (slice(48, 50), False, False),  # 2 of 25 columns: under a tenth
+    (slice(30, 38), False, False),  # bone along the box's side only (a rib beside an organ)
+    (slice(45, 55), True, False),  # bone around the box too (a canal)
+    (slice(0, 0), False, False),
+])
+def test_drawn_around_bone_reads_the_box_middle_and_its_ring(columns: slice, ring_bone: bool,
+                                                               expected: bool) -> None:
+    plane, box = _plane_with_bone(columns, ring_bone)
+    assert drawn_around_bone(plane, box) is expected
+
+
+def _rib_volume() -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Soft tissue with a bright 'rib' whose 7-px cross-section moves along an arc from slice to slice,
+    and the rib's 3D box (the union of its slice boxes)."""
+    volume = np.full((15, 96, 96), 40.0, dtype=np.float32)
+    volume[:, 0, 0] = -1000.0  # air somewhere, so the image reads as CT
+    xs, ys = [], []
+    for k, t in enumerate(np.linspace(0.0, np.pi / 2, 15)):
+        cx, cy = int(round(30 + 30 * np.cos(t))), int(round(70 - 30 * np.sin(t)))
+        volume[k, cy - 3:cy + 4, cx - 3:cx + 4] = 600.0
+        xs += [cx - 3, cx + 3]
+        ys += [cy - 3, cy + 3]
+    return volume, (float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys)))
+
+
+def test_3d_box_around_a_rib_gets_the_bone_window(lite_model) -> None:
+    array, box = _rib_volume()
+    volume = make_volume(array, "rib-phantom")
+    segmenter = Segmenter(lite_model)
+    # the middle slice alone is soft tissue: the rib is a speck in its box
+    assert segmenter.normaliser(volume, "CT", None, box, 7) == Window("soft_tissue", *CT_WINDOWS["soft_tissue"])
+    # over the box's slices the rib is a band that the box frames
+    assert segmenter.normaliser_3d(volume, "CT", None, box, 0, 14) == Window("bone", *CT_WINDOWS["bone"])
+    # a window the caller gives wins
+    assert segmenter.normaliser_3d(volume, "CT", "lung", box, 0, 14) == Window("lung", *CT_WINDOWS["lung"])
+
+
+def test_3d_box_inside_bone_keeps_the_soft_tissue_window(lite_model) -> None:
+    """A soft cord in a bright bony canal (the box inside the ring of bone, bone around it as well)
+    and an organ with a rib along one side of its box are not bones."""
+    array = np.full((10, 96, 96), 40.0, dtype=np.float32)
+    array[:, 0, 0] = -1000.0
+    yy, xx = np.mgrid[:96, :96]
+    radius = np.hypot(yy - 48, xx - 48)
+    array[:, (radius > 6) & (radius < 16)] = 700.0  # the canal's bone
+    cord = (42.0, 42.0, 54.0, 54.0)
+    organ = (10.0, 10.0, 40.0, 40.0)
+    array[:, 10:41, 10:12] = 500.0  # a rib along the organ's left side
+    volume = make_volume(array, "canal-phantom")
+    segmenter = Segmenter(lite_model)
+    soft = Window("soft_tissue", *CT_WINDOWS["soft_tissue"])
+    assert segmenter.normaliser_3d(volume, "CT", None, cord, 0, 9) == soft
+    assert segmenter.normaliser_3d(volume, "CT", None, organ, 0, 9) == soft

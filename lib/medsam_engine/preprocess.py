@@ -144,6 +144,29 @@ def auto_window(region_hu: np.ndarray, context_hu: np.ndarray | None = None,
     return Window(name, *CT_WINDOWS[name])
 
 
+BONE_HU = 200.0  # cortical and trabecular bone; partial-volume ribs on 3 mm slices reach it too
+BONE_SHARE = 0.1  # of the box's middle (its central three fifths each way)
+BONE_CONCENTRATION = 2.0  # times the bone share of the ring around the box
+
+
+def drawn_around_bone(plane: np.ndarray, box: tuple[float, float, float, float]) -> bool:
+    """Whether a box was drawn around a bone, from a plane of HU (for a 3D box, the maximum over its
+    slices): bone over at least `BONE_SHARE` of the box's middle and `BONE_CONCENTRATION` times the
+    share of the ring around the box (`box_context`). A rib's 3D box holds mostly soft tissue and fat
+    on each slice, so its median picks the soft-tissue window, but over its slices the rib is a band
+    through the box. Ribs along an organ's side lie at the edge of its box, not in its middle; bone
+    around a box (the spinal canal) or beside it (back muscles) fails the ring test."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx, dy = (x1 - x0) / 5, (y1 - y0) / 5
+    _, ring = box_context(plane, box)
+    middle = plane[int(round(y0 + dy)):int(round(y1 - dy)) + 1, int(round(x0 + dx)):int(round(x1 - dx)) + 1]
+    if not middle.size:
+        return False
+    share = float((middle > BONE_HU).mean())
+    around = float((ring > BONE_HU).mean()) if ring.size else 0.0
+    return share >= BONE_SHARE and share >= BONE_CONCENTRATION * around
+
+
 def box_context(plane: np.ndarray, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
     """(inside, ring): the values of a 2D plane inside a box and in a ring around it, half the box's
     size wide on each side (at least 2 px), clipped to the plane."""

@@ -15,8 +15,8 @@ from .errors import EngineInputError
 from .geometry import Box, Fit, check_box
 from .imageio import Volume
 from .models import SamModel
-from .preprocess import (KeepRGB, Normaliser, PercentileClip, auto_window, box_context, infer_modality, normalise_modality,
-                         parse_window, percentile_clip)
+from .preprocess import (CT_WINDOWS, KeepRGB, Normaliser, PercentileClip, Window, auto_window, box_context,
+                         drawn_around_bone, infer_modality, normalise_modality, parse_window, percentile_clip)
 from .prompts import Box3DPrompt, KeySlicesPrompt, Prompt, SlicePrompt
 from .prior import BoxPrior
 from .refine import clicks_from, refine
@@ -119,6 +119,15 @@ class Segmenter:
         """CT: the given window, else one chosen from the HU inside and around the box on slice k;
         other grey images: the volume's 0.5-99.5 percentile clip; RGB: kept."""
         return self.normaliser_over(volume, modality, window, [(k, box)])
+
+    def normaliser_3d(self, volume: Volume, modality: str, window: object, box: Box, first: int,
+                      last: int) -> Normaliser:
+        """As `normaliser` on the middle slice, except that a CT box drawn around a bone (its
+        projection over slices first..last, `drawn_around_bone`) gets the bone window."""
+        if modality == "CT" and parse_window(window) is None:
+            if drawn_around_bone(volume.array[first:last + 1].max(axis=0), box):
+                return Window("bone", *CT_WINDOWS["bone"])
+        return self.normaliser(volume, modality, window, box, (first + last) // 2)
 
     def normaliser_over(self, volume: Volume, modality: str, window: object,
                         regions: Sequence[tuple[int, Box]]) -> Normaliser:
@@ -280,7 +289,7 @@ class Segmenter:
         if isinstance(prompt, Box3DPrompt):
             first, last = sorted((_check_slice(prompt.first, volume), _check_slice(prompt.last, volume)))
             box, clipped = check_box(prompt.box, height, width)
-            norm = self.normaliser(volume, modality, window, box, (first + last) // 2)
+            norm = self.normaliser_3d(volume, modality, window, box, first, last)
             decode, state = self.slice_decoder(volume, norm, tally)
             if self.propagation.decodes_given_box_everywhere:
                 crop = self.crop_for(box, height, width)
