@@ -8,6 +8,8 @@ Two server runs on a temporary copy of the datastore:
    background encoder has done the image, then draws the first box on each other slice
    (`http_uncached_ms_p50`: the first box on a new slice, as a user meets it after opening an image).
 
+The figures name the encoder the server ran (`http_server_encoder`, as its replies name it).
+
 Requests are made as Slicer makes them (multipart reply: JSON + NIfTI label), and also as OHIF
 makes them (raw NRRD, `http_cached_ohif_ms_p50`). Figures are medians over the repeats.
 """
@@ -127,6 +129,7 @@ def measure(datastore: Path, image: str = "ct_512", repeats: int = 10, conf: dic
         if any(r["cache"]["misses"] == 0 for _, r in cold) or any(r["cache"]["misses"] for _, r in cached):
             raise RuntimeError("cache behaved unexpectedly: cold slices hit or cached boxes missed")
         results.update({
+            "http_server_encoder": first["model"]["encoder"],
             "http_first_request_ms": round(first_ms, 1),
             "http_first_request_server_ms": first["latency_ms"],
             "http_cold_slice_ms_p50": _p50([ms for ms, _ in cold]),
