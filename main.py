@@ -50,7 +50,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     evaluate(args.datastore, args.out, mode=args.mode, jitter=args.jitter, model=args.model,
              checkpoint=args.checkpoint, device=args.device, zoom=not args.no_zoom, prior=not args.no_prior,
-             limit=args.limit, keys=args.keys)
+             limit=args.limit, keys=args.keys, bone_boxes=not args.no_bone_boxes)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jitter", type=float, default=0.0, help="move box edges by up to PX pixels (seeded)")
     p.add_argument("--no-zoom", action="store_true", help="disable crop-and-zoom for small boxes")
     p.add_argument("--no-prior", action="store_true", help="disable the small-box prior (inscribed ellipse)")
+    p.add_argument("--no-bone-boxes", action="store_true",
+                   help="3d: propagate boxes in the bone window too, instead of the bone's own box per slice")
     p.add_argument("--limit", type=int, help="evaluate at most this many images")
     p.add_argument("--loose", type=float, nargs="+", metavar="PCT",
                    help="2d: move each box edge outwards by 0..PCT %% of the box side (seeded); several levels "

@@ -5,9 +5,10 @@ Measured with the bundled checkpoint and the CPU default encoder (model DSC / fi
 the range; README "3D"): ct_3mm liver 0.905/0.484, spleen 0.851/0.409, kidney_left 0.875/0.480,
 kidney_right 0.906/0.564, aorta 0.842/0.395; ct_512 liver 0.976/0.715, spleen 0.966/0.650;
 mr_3mm spleen 0.833/0.448, inferior_vena_cava 0.816/0.714. Ribs, whose 3D box gets the bone window
-(the lower of OpenVINO fp32's and `ov-mixed`'s figures; with the soft-tissue window they were
-0.05-0.60): ct_512 rib_left_8 0.754/0.315, rib_left_9 0.748/0.204; ct_3mm rib_right_8 0.785/0.160.
-Floors are those minus 0.05; each must also beat the filled box by `gap`.
+and is decoded with the rib's own box on each slice (the lower of OpenVINO fp32's and `ov-mixed`'s
+figures; propagated in the soft-tissue window they were 0.05-0.60): ct_512 rib_left_8 0.753/0.315,
+rib_left_9 0.768/0.204, rib_right_8 0.768/0.226; ct_3mm rib_right_8 0.853/0.160, rib_right_10
+0.774/0.057. Floors are those minus 0.05; each must also beat the filled box by `gap`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ CASES = [
     ("mr_3mm", "spleen", 0.78, 0.3),
     ("mr_3mm", "inferior_vena_cava", 0.76, 0.05),
     ("ct_512", "rib_left_8", 0.70, 0.3),
-    ("ct_512", "rib_left_9", 0.69, 0.4),
-    ("ct_3mm", "rib_right_8", 0.73, 0.5),
+    ("ct_512", "rib_left_9", 0.71, 0.4),
+    ("ct_512", "rib_right_8", 0.71, 0.4),
+    ("ct_3mm", "rib_right_8", 0.80, 0.5),
+    ("ct_3mm", "rib_right_10", 0.72, 0.6),
 ]
 
 
@@ -57,4 +60,4 @@ def test_lite_3d_box_dsc_floor_per_organ(sample_volume, lite_segmenter, image: s
     assert model_dsc >= box_dsc + gap, f"{image} {organ}: 3D DSC {model_dsc:.3f} vs filled box {box_dsc:.3f}"
     obj = result.objects[0]
     assert result.cache_misses <= last - first + 1 + obj.zoomed_slices  # each slice encoded once at most
-    assert obj.decoded_boxes >= last - first + 1
+    assert obj.decoded_boxes >= len(obj.slices)  # every labelled slice decoded

@@ -21,7 +21,7 @@ from .models import load_model
 from .prompts import Box3DPrompt, KeySlicesPrompt
 from .segmenter import Segmenter
 from .prior import BoxPrior
-from .propagation import interpolate_boxes
+from .propagation import PropagationRule, interpolate_boxes
 from .zoom import ZoomRule
 
 COLUMNS = ["image", "label", "slice", "dsc", "nsd", "box_dsc", "box_nsd", "name", "box_side_model_px", "zoomed"]
@@ -217,14 +217,15 @@ def box_plot(rows: list[dict], path: Path) -> None:
 
 
 def eval_setup(datastore: str | Path, out: str | Path, cases: list[Case], model: str, checkpoint: str | None,
-               device: str | None, zoom: bool, prior: bool) -> tuple[Path, Segmenter, dict]:
+               device: str | None, zoom: bool, prior: bool, propagation: PropagationRule = PropagationRule()
+               ) -> tuple[Path, Segmenter, dict]:
     """The output folder (made), the segmenter and the label names of an eval run over `cases`."""
     if not cases:
         raise EngineInputError(f"no labelled images in {datastore}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seg = Segmenter(load_model(model, checkpoint, device), zoom=ZoomRule() if zoom else None,
-                    prior=BoxPrior() if prior else None)
+                    prior=BoxPrior() if prior else None, propagation=propagation)
     return out, seg, label_names(datastore)
 
 
@@ -250,10 +251,13 @@ def write_summary(summary: dict, path: Path) -> None:
 
 def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: float = 0.0,
              model: str = "medsam-lite", checkpoint: str | None = None, device: str | None = None,
-             zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0, keys: int = 3) -> dict:
-    """Evaluate every labelled image; writes per_case.csv, summary.json and dsc_boxplot.png in `out`."""
+             zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0, keys: int = 3,
+             bone_boxes: bool = True) -> dict:
+    """Evaluate every labelled image; writes per_case.csv, summary.json and dsc_boxplot.png in `out`.
+    `bone_boxes=False` propagates 3D boxes in the bone window too (PropagationRule)."""
     cases = list_cases(datastore)[:limit]
-    out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior)
+    out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior,
+                                 PropagationRule(bone_boxes=bone_boxes))
     rng = np.random.default_rng(seed)
     runs = {"2d": rows_2d, "3d": rows_3d, "3d-keys": partial(_eval_3d_keys, keys=keys)}
     if mode not in runs:
@@ -268,7 +272,7 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
                              for c in COLUMNS})
     summary = {"model": seg.model.version, "mode": mode, "jitter": jitter, **({"keys": keys} if mode == "3d-keys" else {}),
                "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
-               **summarise(rows)}
+               **({"bone_boxes": bone_boxes} if mode == "3d" else {}), **summarise(rows)}
     write_summary(summary, out / "summary.json")
     box_plot(rows, out / "dsc_boxplot.png")
     overall = summary["overall"]

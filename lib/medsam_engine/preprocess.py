@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from .errors import EngineInputError
 
@@ -165,6 +166,34 @@ def drawn_around_bone(plane: np.ndarray, box: tuple[float, float, float, float])
     share = float((middle > BONE_HU).mean())
     around = float((ring > BONE_HU).mean()) if ring.size else 0.0
     return share >= BONE_SHARE and share >= BONE_CONCENTRATION * around
+
+
+def bone_boxes(volume: np.ndarray, box: tuple[float, float, float, float], first: int,
+               last: int) -> dict[int, tuple[float, float, float, float]]:
+    """Slice -> the box of the bone a 3D box was drawn around, on each slice where it is: the bounding
+    box of the largest 26-connected piece of HU > `BONE_HU` inside the 3D box (at least 1 px each way,
+    inside the box); empty when the box holds no bone. A rib or a vertebra is one piece of bone, so
+    its own boxes are tight on every slice where the drawn box is loose."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    bone = volume[first:last + 1, y0:y1 + 1, x0:x1 + 1] > BONE_HU
+    pieces, count = ndimage.label(bone, structure=np.ones((3, 3, 3)))
+    if not count:
+        return {}
+    largest = pieces == 1 + int(np.argmax(ndimage.sum_labels(bone, pieces, range(1, count + 1))))
+    boxes = {}
+    for k, plane in enumerate(largest, start=first):
+        rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+        if rows.size:
+            left, right = _widened(x0 + int(cols[0]), x0 + int(cols[-1]), x0, x1)
+            top, bottom = _widened(y0 + int(rows[0]), y0 + int(rows[-1]), y0, y1)
+            boxes[k] = (left, top, right, bottom)
+    return boxes
+
+
+def _widened(low: int, high: int, bound_low: int, bound_high: int) -> tuple[float, float]:
+    """A pixel range [low, high] at least 1 px long, kept inside [bound_low, bound_high]."""
+    high = min(max(high, low + 1), bound_high)
+    return float(max(min(low, high - 1), bound_low)), float(high)
 
 
 def box_context(plane: np.ndarray, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:

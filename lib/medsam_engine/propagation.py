@@ -51,12 +51,14 @@ class PropagationRule:
     mask's bounding box with the given box, times the predicted IoU) among those at least
     `seed_edge` of the range's length from its ends (near the ends the object is smallest in the
     box, and a mask that spreads over the loose box fills it best). A direction stops at an empty
-    mask or at the range's end."""
+    mask or at the range's end. With `bone_boxes`, a 3D box in the bone window is not propagated: each
+    slice is decoded with the box of the bone it was drawn around (`preprocess.bone_boxes`)."""
 
     margin_fraction: float = 0.1
     given_box_proposal: bool = True
     seed: str = "fill"
     seed_edge: float = 0.2
+    bone_boxes: bool = True
 
     @property
     def decodes_given_box_everywhere(self) -> bool:

@@ -15,12 +15,12 @@ from .errors import EngineInputError
 from .geometry import Box, Fit, check_box
 from .imageio import Volume
 from .models import SamModel
-from .preprocess import (CT_WINDOWS, KeepRGB, Normaliser, PercentileClip, Window, auto_window, box_context,
-                         drawn_around_bone, infer_modality, normalise_modality, parse_window, percentile_clip)
+from .preprocess import (CT_WINDOWS, KeepRGB, Normaliser, PercentileClip, Window, auto_window, bone_boxes,
+                         box_context, drawn_around_bone, infer_modality, normalise_modality, parse_window, percentile_clip)
 from .prompts import Box3DPrompt, KeySlicesPrompt, Prompt, SlicePrompt
 from .prior import BoxPrior
 from .refine import clicks_from, refine
-from .propagation import PropagationRule, SliceDecoder, interpolate_boxes, propagate
+from .propagation import PropagationRule, SliceDecoder, inside, interpolate_boxes, propagate
 from .zoom import Crop, ZoomRule
 
 
@@ -291,10 +291,15 @@ class Segmenter:
             box, clipped = check_box(prompt.box, height, width)
             norm = self.normaliser_3d(volume, modality, window, box, first, last)
             decode, state = self.slice_decoder(volume, norm, tally)
-            if self.propagation.decodes_given_box_everywhere:
-                crop = self.crop_for(box, height, width)
-                self.encode_ahead(volume, [(k, crop) for k in range(first, last + 1)], norm, tally)
-            masks, ious = propagate(decode, box, first, last, self.propagation)
+            bone = bone_boxes(volume.array, box, first, last) if self._uses_bone_boxes(modality, norm) else {}
+            if bone:
+                masks, ious = self._decode_each(volume, bone, norm, decode, tally)
+                masks = {k: inside(mask, box) for k, mask in masks.items()}
+            else:
+                if self.propagation.decodes_given_box_everywhere:
+                    crop = self.crop_for(box, height, width)
+                    self.encode_ahead(volume, [(k, crop) for k in range(first, last + 1)], norm, tally)
+                masks, ious = propagate(decode, box, first, last, self.propagation)
         elif isinstance(prompt, KeySlicesPrompt):
             if not prompt.boxes:
                 raise EngineInputError("key-slice prompt has no boxes")
@@ -305,17 +310,27 @@ class Segmenter:
                 clipped |= was_clipped
             norm = self.normaliser_over(volume, modality, window, sorted(checked.items()))
             decode, state = self.slice_decoder(volume, norm, tally)
-            boxes = interpolate_boxes(checked)
-            self.encode_ahead(volume, [(k, self.crop_for(b, height, width)) for k, b in boxes.items()], norm, tally)
-            masks, ious = {}, {}
-            for k, b in boxes.items():
-                masks[k], ious[k] = decode(k, [b], True)[0]  # between tight boxes, tight too
+            masks, ious = self._decode_each(volume, interpolate_boxes(checked), norm, decode, tally)
         else:
             raise EngineInputError(f"unknown prompt type {type(prompt).__name__}")
         for k, mask in masks.items():
             out[k][mask] = prompt.label
         return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"],
                             state["prior"], state["decoded"])
+
+    def _uses_bone_boxes(self, modality: str, norm: Normaliser) -> bool:
+        """Whether a CT 3D box in this window is decoded with its bone's own boxes (PropagationRule)."""
+        return self.propagation.bone_boxes and modality == "CT" and isinstance(norm, Window) and norm.name == "bone"
+
+    def _decode_each(self, volume: Volume, boxes: dict[int, Box], norm: Normaliser, decode: SliceDecoder,
+                     tally: _Tally) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+        """Every slice's own tight box decoded (its slices encoded ahead): masks and predicted IoUs."""
+        height, width = volume.slice_shape
+        self.encode_ahead(volume, [(k, self.crop_for(b, height, width)) for k, b in boxes.items()], norm, tally)
+        masks, ious = {}, {}
+        for k, b in boxes.items():
+            masks[k], ious[k] = decode(k, [b], True)[0]
+        return masks, ious
 
     def slice_decoder(self, volume: Volume, norm: Normaliser, tally: _Tally | None = None) -> tuple[SliceDecoder, dict[str, int]]:
         """The per-slice decoder that 3D propagation calls, and its counts."""
