@@ -60,4 +60,7 @@ def test_lite_3d_box_dsc_floor_per_organ(sample_volume, lite_segmenter, image: s
     assert model_dsc >= box_dsc + gap, f"{image} {organ}: 3D DSC {model_dsc:.3f} vs filled box {box_dsc:.3f}"
     obj = result.objects[0]
     assert result.cache_misses <= last - first + 1 + obj.zoomed_slices  # each slice encoded once at most
-    assert obj.decoded_boxes >= len(obj.slices)  # every labelled slice decoded
+    if obj.preprocessing == "window:bone:1800/400":  # decoded once per slice of the bone's own boxes
+        assert obj.decoded_boxes == len(obj.slices)
+    else:  # the given box on every slice of the range, then the walk
+        assert obj.decoded_boxes >= last - first + 1

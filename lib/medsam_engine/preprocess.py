@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import EngineInputError
+from .geometry import Box, mask_box
 
 CT_WINDOWS: dict[str, tuple[float, float]] = {  # name -> (width, level), HU
     "soft_tissue": (400.0, 40.0),
@@ -168,8 +169,7 @@ def drawn_around_bone(plane: np.ndarray, box: tuple[float, float, float, float])
     return share >= BONE_SHARE and share >= BONE_CONCENTRATION * around
 
 
-def bone_boxes(volume: np.ndarray, box: tuple[float, float, float, float], first: int,
-               last: int) -> dict[int, tuple[float, float, float, float]]:
+def bone_boxes(volume: np.ndarray, box: Box, first: int, last: int) -> dict[int, Box]:
     """Slice -> the box of the bone a 3D box was drawn around, on each slice where it is: the bounding
     box of the largest 26-connected piece of HU > `BONE_HU` inside the 3D box (at least 1 px each way,
     inside the box); empty when the box holds no bone. A rib or a vertebra is one piece of bone, so
@@ -182,10 +182,10 @@ def bone_boxes(volume: np.ndarray, box: tuple[float, float, float, float], first
     largest = pieces == 1 + int(np.argmax(ndimage.sum_labels(bone, pieces, range(1, count + 1))))
     boxes = {}
     for k, plane in enumerate(largest, start=first):
-        rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-        if rows.size:
-            left, right = _widened(x0 + int(cols[0]), x0 + int(cols[-1]), x0, x1)
-            top, bottom = _widened(y0 + int(rows[0]), y0 + int(rows[-1]), y0, y1)
+        found = mask_box(plane)
+        if found is not None:
+            left, right = _widened(x0 + int(found[0]), x0 + int(found[2]), x0, x1)
+            top, bottom = _widened(y0 + int(found[1]), y0 + int(found[3]), y0, y1)
             boxes[k] = (left, top, right, bottom)
     return boxes
 

@@ -291,7 +291,7 @@ class Segmenter:
             box, clipped = check_box(prompt.box, height, width)
             norm = self.normaliser_3d(volume, modality, window, box, first, last)
             decode, state = self.slice_decoder(volume, norm, tally)
-            bone = bone_boxes(volume.array, box, first, last) if self._uses_bone_boxes(modality, norm) else {}
+            bone = bone_boxes(volume.array, box, first, last) if self._uses_bone_boxes(norm) else {}
             if bone:
                 masks, ious = self._decode_each(volume, bone, norm, decode, tally)
                 masks = {k: inside(mask, box) for k, mask in masks.items()}
@@ -318,9 +318,10 @@ class Segmenter:
         return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"],
                             state["prior"], state["decoded"])
 
-    def _uses_bone_boxes(self, modality: str, norm: Normaliser) -> bool:
-        """Whether a CT 3D box in this window is decoded with its bone's own boxes (PropagationRule)."""
-        return self.propagation.bone_boxes and modality == "CT" and isinstance(norm, Window) and norm.name == "bone"
+    def _uses_bone_boxes(self, norm: Normaliser) -> bool:
+        """Whether a 3D box in this normaliser (a CT window) is decoded with its bone's own boxes
+        (PropagationRule)."""
+        return self.propagation.bone_boxes and isinstance(norm, Window) and norm.name == "bone"
 
     def _decode_each(self, volume: Volume, boxes: dict[int, Box], norm: Normaliser, decode: SliceDecoder,
                      tally: _Tally) -> tuple[dict[int, np.ndarray], dict[int, float]]:
