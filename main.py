@@ -50,7 +50,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     evaluate(args.datastore, args.out, mode=args.mode, jitter=args.jitter, model=args.model,
              checkpoint=args.checkpoint, device=args.device, zoom=not args.no_zoom, prior=not args.no_prior,
-             limit=args.limit, keys=args.keys, bone_boxes=not args.no_bone_boxes)
+             limit=args.limit, keys=args.keys, bone_boxes=not args.no_bone_boxes,
+             rounded_keys=not args.linear_keys)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-prior", action="store_true", help="disable the small-box prior (inscribed ellipse)")
     p.add_argument("--no-bone-boxes", action="store_true",
                    help="3d: propagate boxes in the bone window too, instead of the bone's own box per slice")
+    p.add_argument("--linear-keys", action="store_true",
+                   help="3d-keys: interpolate boxes between key slices linearly, not as a rounded object's sections")
     p.add_argument("--limit", type=int, help="evaluate at most this many images")
     p.add_argument("--loose", type=float, nargs="+", metavar="PCT",
                    help="2d: move each box edge outwards by 0..PCT %% of the box side (seeded); several levels "

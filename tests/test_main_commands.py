@@ -61,6 +61,7 @@ def test_eval_writes_csv_summary_and_plot(tiny_datastore: Path, tmp_path: Path, 
     for row in rows:
         assert 0.0 <= float(row["dsc"]) <= 1.0 and 0.0 <= float(row["nsd"]) <= 1.0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary.get("rounded_keys") is (True if mode == "3d-keys" else None)
     overall = summary["overall"]
     assert overall["model"]["n"] == len(rows) == overall["box"]["n"]
     assert overall["model"]["dsc_median"] == pytest.approx(float(np.median([float(r["dsc"]) for r in rows])), abs=1e-3)

@@ -145,7 +145,8 @@ def segment_keys(seg: Segmenter, case: Case, volume: Volume, value: int, gt: np.
     fit = Fit(*volume.slice_shape, seg.model.geometry)
     result = seg.segment(volume, [KeySlicesPrompt(boxes)])
     base = np.zeros_like(gt)
-    for k, box in interpolate_boxes(boxes).items():
+    height, width = volume.slice_shape
+    for k, box in interpolate_boxes(boxes, seg.propagation.rounded_keys, (0, 0, width - 1, height - 1)).items():
         base[k] = filled_box(gt.shape[1:], box)
     side = max(fit.box_side(b) for b in boxes.values())
     pred = result.label > 0
@@ -252,12 +253,13 @@ def write_summary(summary: dict, path: Path) -> None:
 def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: float = 0.0,
              model: str = "medsam-lite", checkpoint: str | None = None, device: str | None = None,
              zoom: bool = True, prior: bool = True, limit: int | None = None, seed: int = 0, keys: int = 3,
-             bone_boxes: bool = True) -> dict:
+             bone_boxes: bool = True, rounded_keys: bool = True) -> dict:
     """Evaluate every labelled image; writes per_case.csv, summary.json and dsc_boxplot.png in `out`.
-    `bone_boxes=False` propagates 3D boxes in the bone window too (PropagationRule)."""
+    `bone_boxes=False` propagates 3D boxes in the bone window too; `rounded_keys=False` interpolates
+    key-slice boxes linearly (PropagationRule)."""
     cases = list_cases(datastore)[:limit]
     out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior,
-                                 PropagationRule(bone_boxes=bone_boxes))
+                                 PropagationRule(bone_boxes=bone_boxes, rounded_keys=rounded_keys))
     rng = np.random.default_rng(seed)
     runs = {"2d": rows_2d, "3d": rows_3d, "3d-keys": partial(_eval_3d_keys, keys=keys)}
     if mode not in runs:
@@ -270,7 +272,7 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
         for row in rows:
             writer.writerow({c: (f"{row[c]:.4f}" if isinstance(row[c], float) and c != "box_side_model_px" else row[c])
                              for c in COLUMNS})
-    summary = {"model": seg.model.version, "mode": mode, "jitter": jitter, **({"keys": keys} if mode == "3d-keys" else {}),
+    summary = {"model": seg.model.version, "mode": mode, "jitter": jitter, **({"keys": keys, "rounded_keys": rounded_keys} if mode == "3d-keys" else {}),
                "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
                **({"bone_boxes": bone_boxes} if mode == "3d" else {}), **summarise(rows)}
     write_summary(summary, out / "summary.json")

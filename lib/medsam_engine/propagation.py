@@ -52,13 +52,16 @@ class PropagationRule:
     `seed_edge` of the range's length from its ends (near the ends the object is smallest in the
     box, and a mask that spreads over the loose box fills it best). A direction stops at an empty
     mask or at the range's end. With `bone_boxes`, a 3D box in the bone window is not propagated: each
-    slice is decoded with the box of the bone it was drawn around (`preprocess.bone_boxes`)."""
+    slice is decoded with the box of the bone it was drawn around (`preprocess.bone_boxes`).
+    `rounded_keys`: boxes between key slices grow as a rounded object's sections do
+    (`interpolate_boxes`), not linearly."""
 
     margin_fraction: float = 0.1
     given_box_proposal: bool = True
     seed: str = "fill"
     seed_edge: float = 0.2
     bone_boxes: bool = True
+    rounded_keys: bool = True
 
     @property
     def decodes_given_box_everywhere(self) -> bool:
@@ -141,13 +144,24 @@ def propagate(decode: SliceDecoder, box: Box, first: int, last: int,
     return masks, ious
 
 
-def interpolate_boxes(key_boxes: dict[int, Box]) -> dict[int, Box]:
-    """Boxes on every slice from the first to the last key slice, linear between key slices."""
+def interpolate_boxes(key_boxes: dict[int, Box], rounded: bool = True,
+                      bound: Box = (-np.inf, -np.inf, np.inf, np.inf)) -> dict[int, Box]:
+    """Boxes on every slice from the first to the last key slice, piecewise between key slices: the
+    centre moves linearly, and so does each side's length unless `rounded`, where it follows an
+    ellipse's chord from the smaller key box to the larger (fast near the smaller, flat near the
+    larger, as a rounded object's section grows from its tip). Kept inside `bound` (the slice)."""
     keys = sorted(key_boxes)
     boxes: dict[int, Box] = {keys[0]: key_boxes[keys[0]]}
+    low, high = np.asarray(bound[:2]), np.asarray(bound[2:])
     for a, b in zip(keys, keys[1:]):
-        box_a, box_b = np.asarray(key_boxes[a]), np.asarray(key_boxes[b])
-        for k in range(a + 1, b + 1):
+        box_a, box_b = np.asarray(key_boxes[a], dtype=float), np.asarray(key_boxes[b], dtype=float)
+        centre_a, centre_b = (box_a[:2] + box_a[2:]) / 2, (box_b[:2] + box_b[2:]) / 2
+        size_a, size_b = box_a[2:] - box_a[:2], box_b[2:] - box_b[:2]
+        for k in range(a + 1, b):
             t = (k - a) / (b - a)
-            boxes[k] = tuple(float(v) for v in (1 - t) * box_a + t * box_b)  # type: ignore[assignment]
+            share = np.where(size_b >= size_a, np.sqrt(1 - (1 - t) ** 2), 1 - np.sqrt(1 - t ** 2)) if rounded else t
+            centre, half = (1 - t) * centre_a + t * centre_b, (size_a + share * (size_b - size_a)) / 2
+            corners = np.concatenate([np.maximum(centre - half, low), np.minimum(centre + half, high)])
+            boxes[k] = tuple(float(v) for v in corners)  # type: ignore[assignment]
+        boxes[b] = key_boxes[b]
     return boxes

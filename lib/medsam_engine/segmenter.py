@@ -310,7 +310,8 @@ class Segmenter:
                 clipped |= was_clipped
             norm = self.normaliser_over(volume, modality, window, sorted(checked.items()))
             decode, state = self.slice_decoder(volume, norm, tally)
-            masks, ious = self._decode_each(volume, interpolate_boxes(checked), norm, decode, tally)
+            between = interpolate_boxes(checked, self.propagation.rounded_keys, (0, 0, width - 1, height - 1))
+            masks, ious = self._decode_each(volume, between, norm, decode, tally)
         else:
             raise EngineInputError(f"unknown prompt type {type(prompt).__name__}")
         for k, mask in masks.items():
