@@ -6,7 +6,8 @@
 Summaries of `--loose` runs print the loose levels side by side; of `--clicks` runs, mean DSC after
 each click and NoC@85 / NoC@90 per image and organ; of `--mode 3d-keys --add-boxes N` runs, mean volume
 DSC after each added key-slice box and the mean boxes (initial + added) to reach 0.85 / 0.90, an object
-that never does counted as initial + N + 1, with the share that never does.
+that never does counted as initial + N + 1, with the share that never does. With `--compare`, the
+mean DSC of both and the organs (in 3d, each object) higher or lower in the first run.
 """
 
 from __future__ import annotations
@@ -108,6 +109,20 @@ def main() -> None:
                 print(row(name, stats, other[section].get(name, MISSING) if other else None))
         print()
     print(row("overall", summary["overall"], other["overall"] if other else None))
+    if other:
+        print(paired(summary, other, args.compare_name))
+
+
+def paired(summary: dict, other: dict, other_name: str) -> str:
+    """Mean DSC of both runs and the organs (in 3d: the objects) whose median DSC is higher or lower
+    than in the other run by more than 0.01."""
+    pairs = [(stats["model"]["dsc_median"], other["per_organ"][name]["model"]["dsc_median"])
+             for name, stats in summary["per_organ"].items() if name in other["per_organ"]]
+    better = sum(a > b + 0.01 for a, b in pairs)
+    worse = sum(a < b - 0.01 for a, b in pairs)
+    return (f"\nmean DSC {summary['overall']['model']['dsc_mean']:.3f} ({other_name}: "
+            f"{other['overall']['model']['dsc_mean']:.3f}); of {len(pairs)} organs, {better} higher and {worse} lower "
+            f"than {other_name} by more than 0.01")
 
 
 if __name__ == "__main__":

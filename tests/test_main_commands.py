@@ -71,6 +71,29 @@ def test_eval_writes_csv_summary_and_plot(tiny_datastore: Path, tmp_path: Path, 
     assert (out / "dsc_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_linear_keys_and_the_paired_table(tiny_datastore: Path, tmp_path: Path) -> None:
+    """`--linear-keys` is recorded in the summary, and `eval_table.py --compare` counts the objects
+    that moved between two runs from their rows."""
+    runs = {}
+    for name, flags in (("rounded", []), ("linear", ["--linear-keys"])):
+        run_main("eval", str(tiny_datastore), "--out", str(tmp_path / name), "--mode", "3d-keys", *flags)
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert runs["rounded"]["rounded_keys"] is True and runs["linear"]["rounded_keys"] is False
+    dsc = {}
+    for name in runs:
+        with open(tmp_path / name / "per_case.csv") as handle:
+            dsc[name] = {r["name"]: float(r["dsc"]) for r in csv.DictReader(handle)}
+    higher = sum(dsc["rounded"][k] > dsc["linear"][k] + 0.01 for k in dsc["rounded"])
+    lower = sum(dsc["rounded"][k] < dsc["linear"][k] - 0.01 for k in dsc["rounded"])
+    table = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "eval_table.py"),
+                            str(tmp_path / "rounded" / "summary.json"), "--compare",
+                            str(tmp_path / "linear" / "summary.json"), "--compare-name", "linear"],
+                           capture_output=True, text=True, timeout=120, check=True).stdout
+    assert (f"of {len(dsc['rounded'])} organs, {higher} higher and {lower} lower than linear by more than 0.01"
+            in table)
+    assert f"mean DSC {runs['rounded']['overall']['model']['dsc_mean']:.3f}" in table
+
+
 def test_eval_refuses_an_empty_datastore(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), "eval", str(tmp_path), "--out",
                              str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
