@@ -9,6 +9,11 @@ and is decoded with the rib's own box on each slice (the lower of OpenVINO fp32'
 figures; propagated in the soft-tissue window they were 0.05-0.60): ct_512 rib_left_8 0.753/0.315,
 rib_left_9 0.768/0.204, rib_right_8 0.768/0.226; ct_3mm rib_right_8 0.853/0.160, rib_right_10
 0.774/0.057. Floors are those minus 0.05; each must also beat the filled box by `gap`.
+
+Key-slice boxes, as `main.py eval --mode 3d-keys` draws them (each organ's exact boxes on its ends and
+middle), with the rounded boxes between them (README "3d-keys"; with linear boxes in brackets): ct_3mm
+spleen 0.938 (0.764), gallbladder 0.834 (0.669), vertebrae_L1 0.666 (0.456). Floors are the lower of
+the default's and OpenVINO fp32's figures minus 0.05, each above the linear boxes' figure.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import numpy as np
 import pytest
 
 from engine_helpers import dice, label_value
-from medsam_engine import Box3DPrompt
+from medsam_engine import Box3DPrompt, KeySlicesPrompt
+from medsam_engine.evaluate import key_slices
 from medsam_engine.geometry import mask_box
 
 # image, organ, volume DSC floor, required gap above the filled box
@@ -64,3 +70,23 @@ def test_lite_3d_box_dsc_floor_per_organ(sample_volume, lite_segmenter, image: s
         assert obj.decoded_boxes == len(obj.slices)
     else:  # the given box on every slice of the range, then the walk
         assert obj.decoded_boxes >= last - first + 1
+
+
+KEY_CASES = [
+    ("ct_3mm", "spleen", 0.88),
+    ("ct_3mm", "gallbladder", 0.78),
+    ("ct_3mm", "vertebrae_L1", 0.61),
+]
+
+
+@pytest.mark.parametrize("image, organ, floor", KEY_CASES, ids=[f"{i}-{o}" for i, o, _ in KEY_CASES])
+def test_lite_key_slices_dsc_floor_per_organ(sample_volume, lite_segmenter, image: str, organ: str,
+                                             floor: float) -> None:
+    volume, label = sample_volume(image)
+    truth = label.array == label_value(image, organ)
+    keys = key_slices(np.flatnonzero(truth.any(axis=(1, 2))), truth, 3)
+    result = lite_segmenter.segment(volume, [KeySlicesPrompt(boxes={k: mask_box(truth[k]) for k in keys})])
+    mask = result.label == 1
+    assert result.objects[0].slices == list(range(keys[0], keys[-1] + 1))
+    model_dsc = dice(mask, truth)
+    assert model_dsc >= floor, f"{image} {organ}: key-slice DSC {model_dsc:.3f} < {floor}"
