@@ -272,7 +272,8 @@ def evaluate(datastore: str | Path, out: str | Path, mode: str = "2d", jitter: f
         for row in rows:
             writer.writerow({c: (f"{row[c]:.4f}" if isinstance(row[c], float) and c != "box_side_model_px" else row[c])
                              for c in COLUMNS})
-    summary = {"model": seg.model.version, "mode": mode, "jitter": jitter, **({"keys": keys, "rounded_keys": rounded_keys} if mode == "3d-keys" else {}),
+    summary = {"model": seg.model.version, "mode": mode, "jitter": jitter,
+               **({"keys": keys, "rounded_keys": rounded_keys} if mode == "3d-keys" else {}),
                "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
                **({"bone_boxes": bone_boxes} if mode == "3d" else {}), **summarise(rows)}
     write_summary(summary, out / "summary.json")
