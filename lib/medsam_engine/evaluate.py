@@ -21,7 +21,7 @@ from .models import load_model
 from .prompts import Box3DPrompt, KeySlicesPrompt
 from .segmenter import Segmenter
 from .prior import BoxPrior
-from .propagation import PropagationRule, interpolate_boxes
+from .propagation import PropagationRule
 from .zoom import ZoomRule
 
 COLUMNS = ["image", "label", "slice", "dsc", "nsd", "box_dsc", "box_nsd", "name", "box_side_model_px", "zoomed"]
@@ -145,8 +145,7 @@ def segment_keys(seg: Segmenter, case: Case, volume: Volume, value: int, gt: np.
     fit = Fit(*volume.slice_shape, seg.model.geometry)
     result = seg.segment(volume, [KeySlicesPrompt(boxes)])
     base = np.zeros_like(gt)
-    height, width = volume.slice_shape
-    for k, box in interpolate_boxes(boxes, seg.propagation.rounded_keys, (0, 0, width - 1, height - 1)).items():
+    for k, box in seg.boxes_between_keys(volume, boxes).items():
         base[k] = filled_box(gt.shape[1:], box)
     side = max(fit.box_side(b) for b in boxes.values())
     pred = result.label > 0

@@ -310,14 +310,19 @@ class Segmenter:
                 clipped |= was_clipped
             norm = self.normaliser_over(volume, modality, window, sorted(checked.items()))
             decode, state = self.slice_decoder(volume, norm, tally)
-            between = interpolate_boxes(checked, self.propagation.rounded_keys, (0, 0, width - 1, height - 1))
-            masks, ious = self._decode_each(volume, between, norm, decode, tally)
+            masks, ious = self._decode_each(volume, self.boxes_between_keys(volume, checked), norm, decode, tally)
         else:
             raise EngineInputError(f"unknown prompt type {type(prompt).__name__}")
         for k, mask in masks.items():
             out[k][mask] = prompt.label
         return ObjectResult(prompt.label, 0, 0.0, sorted(masks), ious, norm.id, clipped, state["zoomed"],
                             state["prior"], state["decoded"])
+
+    def boxes_between_keys(self, volume: Volume, key_boxes: dict[int, Box]) -> dict[int, Box]:
+        """The box a key-slice prompt decodes on each slice from its first to its last key slice
+        (`interpolate_boxes` under this segmenter's PropagationRule, inside the slice)."""
+        height, width = volume.slice_shape
+        return interpolate_boxes(key_boxes, self.propagation.rounded_keys, (0, 0, width - 1, height - 1))
 
     def _uses_bone_boxes(self, norm: Normaliser) -> bool:
         """Whether a 3D box in this normaliser (a CT window) is decoded with its bone's own boxes
