@@ -1,7 +1,7 @@
 """MedSAM for MONAI Label: the project's entry point (it only wires commands to the modules).
 
     python main.py eval DATASTORE --out DIR [--mode 2d|3d|3d-keys] [--jitter PX] [--model NAME]
-        [--loose PCT ...] [--clicks N] [--mode 3d-keys --add-boxes N]
+        [--loose PCT ...] [--clicks N] [--mode 3d-keys --add-boxes N [--next worst|gap]]
     python main.py bench --json FILE [--no-http | --http-only]
     python main.py serve [--studies PATH_OR_URL | --orthanc [--orthanc-port 8042]] [--host 127.0.0.1] [--port 8000]
     [torchrun --nproc_per_node N] python main.py train DATASTORE --out DIR [--publish FILE] [options]
@@ -26,6 +26,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.next != "worst" and args.add_boxes is None:
+        sys.exit("--next chooses where --add-boxes puts each box: use it with --add-boxes")
     if args.add_boxes is not None:
         from medsam_engine.evaluate_interactive import evaluate_key_boxes
 
@@ -34,7 +36,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                      "--clicks or --jitter")
         evaluate_key_boxes(args.datastore, args.out, keys=args.keys, add_boxes=args.add_boxes, model=args.model,
                            checkpoint=args.checkpoint, device=args.device, zoom=not args.no_zoom,
-                           prior=not args.no_prior, limit=args.limit, images=args.images, every=args.every)
+                           prior=not args.no_prior, limit=args.limit, images=args.images, every=args.every,
+                           next_slice=args.next)
         return
     if args.loose or args.clicks:
         from medsam_engine.evaluate_interactive import evaluate_interactive
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--add-boxes", type=int, metavar="N",
                    help="3d-keys: after the --keys boxes, up to N more tight key-slice boxes, each on the object's "
                         "worst slice (volume DSC after each box, boxes to reach 0.85 / 0.90)")
+    p.add_argument("--next", choices=("worst", "gap"), default="worst",
+                   help="--add-boxes: box the worst slice (by the truth, an oracle) or the middle of the largest "
+                        "gap between boxed slices (what an annotator can do)")
     p.add_argument("--every", type=int, default=1,
                    help="--loose/--clicks/--add-boxes: only every n-th object (quick runs)")
     p.add_argument("--images", nargs="+", help="--loose/--clicks/--add-boxes: only these image ids")

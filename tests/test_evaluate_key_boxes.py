@@ -1,5 +1,6 @@
-"""`main.py eval --mode 3d-keys --add-boxes N`: key-slice boxes added on the worst slice, with the real
-LiteMedSAM on a synthetic volume whose object jumps sideways on a few slices between the key slices."""
+"""`main.py eval --mode 3d-keys --add-boxes N [--next gap]`: key-slice boxes added on the worst slice or in
+the largest gap, with the real LiteMedSAM on a synthetic volume whose object jumps sideways on a few
+slices between the key slices."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from engine_helpers import REPO_ROOT
-from medsam_engine.evaluate_interactive import boxes_needed, worst_slice
+from medsam_engine.evaluate_interactive import boxes_needed, gap_slice, worst_slice
 
 SLICES, SIDE = 21, 96
 JUMP = (4, 5, 6)  # slices where the disk sits 20 px left of where it is on the key slices 0, 10 and 20
@@ -41,6 +42,17 @@ def test_worst_slice_is_the_lowest_slice_dsc_then_the_most_errors() -> None:
     pred[2, 0, 0] = pred[2, 7, 7] = False  # now slices 1 and 2 tie on DSC and errors: the lower index
     assert worst_slice(pred, gt, [2, 1, 0]) == 1
     assert worst_slice(pred, gt, []) is None
+
+
+def test_gap_slice_is_the_middle_of_the_largest_gap_between_boxed_slices() -> None:
+    assert gap_slice([0, 10, 20], range(21)) == 5  # two gaps of 10: the lower one, its middle
+    assert gap_slice([0, 5, 10, 20], range(21)) == 15
+    assert gap_slice([0, 4, 10], range(11)) == 7  # gap 4..10, middle 7
+    assert gap_slice([0, 3, 10], range(11)) == 6  # gap 3..10, middle 6.5: the lower of the two nearest
+    assert gap_slice([0, 10, 20], [1, 7, 12]) == 7  # 5 is no candidate: the nearest one in its gap
+    assert gap_slice([0, 10, 20], [12, 19]) == 12  # a gap without candidates is passed over
+    assert gap_slice([0, 10], [10, 15]) is None  # no candidate between two boxed slices
+    assert gap_slice([4], range(9)) is None  # one boxed slice has no gap
 
 
 def test_boxes_needed_counts_initial_plus_added_and_caps_misses() -> None:
@@ -104,6 +116,22 @@ def test_added_boxes_go_on_the_worst_slices_and_raise_the_volume_dsc(jump_datast
     assert f"| {int(jumper['boxes85']):.2f} |" in organ
 
 
+def test_gap_boxes_go_in_the_middle_of_the_largest_gaps(jump_datastore: Path, tmp_path: Path) -> None:
+    from medsam_engine.evaluate_interactive import evaluate_key_boxes
+
+    out = tmp_path / "gap"
+    summary = evaluate_key_boxes(jump_datastore, out, keys=3, add_boxes=3, device="cpu", next_slice="gap")
+    with open(out / "per_case.csv") as handle:
+        rows = {r["name"]: r for r in csv.DictReader(handle)}
+    # key slices 0, 10 and 20; then 5 (the lower of two equal gaps), 15, then 2 (four gaps of 5)
+    assert rows["jumper"]["added_slices"] == rows["still"]["added_slices"] == "5;15;2"
+    assert summary["next"] == "gap"
+    run = summary["box_runs"]["3 key slices + gap boxes"]
+    for i in (1, 2, 3):  # the curve is each object's volume DSC after each added box
+        both = [float(rows[name][f"dsc_box{i}"]) for name in ("jumper", "still")]
+        assert run["overall"]["dsc_mean"][i] == pytest.approx(np.mean(both), abs=1e-3)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "3d-keys", "--add-boxes", "0"], "--add-boxes, --keys and --every must be at least 1"),
     (["--mode", "3d-keys", "--add-boxes", "-2"], "--add-boxes, --keys and --every must be at least 1"),
@@ -111,6 +139,8 @@ def test_added_boxes_go_on_the_worst_slices_and_raise_the_volume_dsc(jump_datast
     (["--mode", "2d", "--add-boxes", "2"], "use it with --mode 3d-keys"),
     (["--mode", "3d-keys", "--add-boxes", "2", "--clicks", "3"], "use it with --mode 3d-keys"),
     (["--mode", "3d-keys", "--add-boxes", "two"], "invalid int value"),
+    (["--mode", "3d-keys", "--next", "gap"], "use it with --add-boxes"),
+    (["--mode", "3d-keys", "--add-boxes", "2", "--next", "best"], "invalid choice"),
 ])
 def test_bad_add_boxes_values_are_refused(jump_datastore: Path, tmp_path: Path, flags: list[str], message: str) -> None:
     out = tmp_path / "refused"

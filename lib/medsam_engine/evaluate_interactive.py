@@ -1,6 +1,7 @@
 """`main.py eval --loose PCT ... --clicks N`: 2D eval as an annotator works: loose boxes, then
 simulated corrective clicks (DSC after each click, NoC@85 / NoC@90). `--mode 3d-keys --add-boxes N`:
-key-slice boxes added one at a time on the worst slice (volume DSC after each box, boxes to 0.85 / 0.90)."""
+key-slice boxes added one at a time on the worst slice or in the largest gap (volume DSC after each box,
+boxes to 0.85 / 0.90)."""
 
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def evaluate_interactive(datastore: str | Path, out: str | Path, loose: Sequence
     return summary
 
 
-# ---- 3D: key-slice boxes added on the worst slice --------------------------------------------
+# ---- 3D: key-slice boxes added on the worst slice, or in the largest gap ----------------------
 def worst_slice(pred: np.ndarray, gt: np.ndarray, candidates: Iterable[int]) -> int | None:
     """Of the `candidates` slices (where the object is), the one with the lowest slice DSC; ties: the
     one with the most missed plus extra voxels, then the lowest index. None without candidates."""
@@ -208,6 +209,21 @@ def worst_slice(pred: np.ndarray, gt: np.ndarray, candidates: Iterable[int]) -> 
     return min(candidates, key=badness, default=None)
 
 
+def gap_slice(boxed: Iterable[int], candidates: Iterable[int]) -> int | None:
+    """The slice an annotator who does not know the truth boxes next: the middle of the largest gap
+    between two boxed slices (ties: the lowest gap), or the `candidates` slice nearest to it inside
+    that gap (ties: the lower one); None when no candidate lies between two boxed slices."""
+    keys, pool = sorted(boxed), sorted(candidates)
+    gaps = [(a, b) for a, b in zip(keys, keys[1:]) if any(a < k < b for k in pool)]
+    if not gaps:
+        return None
+    a, b = max(gaps, key=lambda gap: (gap[1] - gap[0], -gap[0]))
+    return min((k for k in pool if a < k < b), key=lambda k: (abs(2 * k - a - b), k))
+
+
+NEXT_SLICE = ("worst", "gap")
+
+
 def boxes_needed(row: dict, threshold: float) -> int:
     """Key-slice boxes (initial plus added) until the volume DSC first reaches `threshold`; an object
     that never does counts one box more than the run allows (initial + N + 1)."""
@@ -215,10 +231,12 @@ def boxes_needed(row: dict, threshold: float) -> int:
     return row["keys"] + reached
 
 
-def _eval_key_boxes(seg: Segmenter, case: Case, keys: int, add_boxes: int, every: int) -> Iterator[dict]:
+def _eval_key_boxes(seg: Segmenter, case: Case, keys: int, add_boxes: int, every: int,
+                    next_slice: str = "worst") -> Iterator[dict]:
     """Per object: tight boxes on `keys` key slices, then up to `add_boxes` tight boxes each on the
-    worst slice without a box, re-segmenting after each; the curve holds the volume DSC after 0..N
-    added boxes (the last value repeated once every slice has a box)."""
+    worst slice without a box (`next_slice` "worst", an oracle) or in the largest gap between boxed
+    slices ("gap", `gap_slice`), re-segmenting after each; the curve holds the volume DSC after 0..N
+    added boxes (the last value repeated once no slice is left to box)."""
     for index, (volume, value, gt, slices) in enumerate(_objects_3d(case)):
         chosen = key_slices(slices, gt, keys)
         if index % every or not chosen:
@@ -227,7 +245,8 @@ def _eval_key_boxes(seg: Segmenter, case: Case, keys: int, add_boxes: int, every
         row, pred = segment_keys(seg, case, volume, value, gt, boxes)  # type: ignore[arg-type]
         usable, curve, added = usable_slices(slices, gt), [row["dsc"]], []
         for _ in range(add_boxes):
-            k = worst_slice(pred, gt, [s for s in usable if s not in boxes])
+            free = [s for s in usable if s not in boxes]
+            k = worst_slice(pred, gt, free) if next_slice == "worst" else gap_slice(boxes, free)
             if k is not None:
                 boxes[k] = mask_box(gt[k])  # type: ignore[assignment]
                 added.append(k)
@@ -256,23 +275,28 @@ def _write_key_csv(rows: list[dict], add_boxes: int, path: Path) -> None:
 def evaluate_key_boxes(datastore: str | Path, out: str | Path, keys: int = 3, add_boxes: int = 4,
                        model: str = "medsam-lite", checkpoint: str | None = None, device: str | None = None,
                        zoom: bool = True, prior: bool = True, limit: int | None = None,
-                       images: Sequence[str] | None = None, every: int = 1) -> dict:
+                       images: Sequence[str] | None = None, every: int = 1, next_slice: str = "worst") -> dict:
     """3D annotation effort: tight boxes on `keys` key slices per object, then up to `add_boxes` more,
-    each on the object's worst slice; writes per_case.csv, summary.json (volume DSC after each added
+    each on the object's worst slice or in the largest gap (`next_slice`, see `_eval_key_boxes`); writes per_case.csv, summary.json (volume DSC after each added
     box, boxes to 0.85 / 0.90, share never reaching) and dsc_per_box.png in `out`."""
     if add_boxes < 1 or keys < 1 or every < 1:
         raise EngineInputError("--add-boxes, --keys and --every must be at least 1")
+    if next_slice not in NEXT_SLICE:
+        raise EngineInputError(f"--next must be one of {', '.join(NEXT_SLICE)}, got {next_slice!r}")
     cases = [c for c in list_cases(datastore) if not images or c.image_id in images][:limit]
     out, seg, names = eval_setup(datastore, out, cases, model, checkpoint, device, zoom, prior)
-    rows = collect_rows(cases, names, lambda case: _eval_key_boxes(seg, case, keys, add_boxes, every), datastore)
+    rows = collect_rows(cases, names, lambda case: _eval_key_boxes(seg, case, keys, add_boxes, every, next_slice),
+                       datastore)
     _write_key_csv(rows, add_boxes, out / "per_case.csv")
-    run_name = f"{keys} key slices + worst-slice boxes"
+    where = {"worst": "on the worst slice", "gap": "in the largest gap"}[next_slice]
+    run_name = f"{keys} key slices + worst-slice boxes" if next_slice == "worst" else f"{keys} key slices + gap boxes"
     summary = {"model": seg.model.version, "mode": "3d-keys", "keys": keys, "add_boxes": add_boxes, "every": every,
+               "next": next_slice,
                "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
                "initial": summarise(rows), "box_runs": {run_name: summarise_clicks(rows, boxes_needed, "boxes")}}
     write_summary(summary, out / "summary.json")
     curve_plot(summary["box_runs"], out / "dsc_per_box.png",
-               xlabel=f"key-slice boxes added on the worst slice (after {keys} initial)")
+               xlabel=f"key-slice boxes added {where} (after {keys} initial)")
     o = summary["box_runs"][run_name]["overall"]
     print(f"{run_name}: mean volume DSC per added box {o['dsc_mean']}, boxes to 0.85 {o['boxes85_mean']} "
           f"(never {o['boxes85_failed']:.0%}), to 0.90 {o['boxes90_mean']} (never {o['boxes90_failed']:.0%})")
