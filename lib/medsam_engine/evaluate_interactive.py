@@ -221,7 +221,8 @@ def gap_slice(boxed: Iterable[int], candidates: Iterable[int]) -> int | None:
     return min((k for k in pool if a < k < b), key=lambda k: (abs(2 * k - a - b), k))
 
 
-NEXT_SLICE = ("worst", "gap")
+# where `--add-boxes` puts each box: (the run's name, the plot's words)
+NEXT_SLICE = {"worst": ("worst-slice boxes", "on the worst slice"), "gap": ("gap boxes", "in the largest gap")}
 
 
 def boxes_needed(row: dict, threshold: float) -> int:
@@ -277,8 +278,9 @@ def evaluate_key_boxes(datastore: str | Path, out: str | Path, keys: int = 3, ad
                        zoom: bool = True, prior: bool = True, limit: int | None = None,
                        images: Sequence[str] | None = None, every: int = 1, next_slice: str = "worst") -> dict:
     """3D annotation effort: tight boxes on `keys` key slices per object, then up to `add_boxes` more,
-    each on the object's worst slice or in the largest gap (`next_slice`, see `_eval_key_boxes`); writes per_case.csv, summary.json (volume DSC after each added
-    box, boxes to 0.85 / 0.90, share never reaching) and dsc_per_box.png in `out`."""
+    each on the object's worst slice or in the largest gap (`next_slice`, see `_eval_key_boxes`);
+    writes per_case.csv, summary.json (volume DSC after each added box, boxes to 0.85 / 0.90, share
+    never reaching) and dsc_per_box.png in `out`."""
     if add_boxes < 1 or keys < 1 or every < 1:
         raise EngineInputError("--add-boxes, --keys and --every must be at least 1")
     if next_slice not in NEXT_SLICE:
@@ -288,8 +290,8 @@ def evaluate_key_boxes(datastore: str | Path, out: str | Path, keys: int = 3, ad
     rows = collect_rows(cases, names, lambda case: _eval_key_boxes(seg, case, keys, add_boxes, every, next_slice),
                        datastore)
     _write_key_csv(rows, add_boxes, out / "per_case.csv")
-    where = {"worst": "on the worst slice", "gap": "in the largest gap"}[next_slice]
-    run_name = f"{keys} key slices + worst-slice boxes" if next_slice == "worst" else f"{keys} key slices + gap boxes"
+    added, where = NEXT_SLICE[next_slice]
+    run_name = f"{keys} key slices + {added}"
     summary = {"model": seg.model.version, "mode": "3d-keys", "keys": keys, "add_boxes": add_boxes, "every": every,
                "next": next_slice,
                "zoom": vars(seg.zoom) if seg.zoom else None, "prior": vars(seg.prior) if seg.prior else None,
