@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refine", nargs="+", choices=("rules", "points"), default=["rules"],
                    help="click refinement(s) compared by --clicks (rules: box prompts only; points: SAM point prompts)")
     p.add_argument("--add-boxes", type=int, metavar="N",
-                   help="3d-keys: after the --keys boxes, up to N more tight key-slice boxes, each on the object's "
-                        "worst slice (volume DSC after each box, boxes to reach 0.85 / 0.90)")
+                   help="3d-keys: after the --keys boxes, up to N more tight key-slice boxes, each where --next says "
+                        "(volume DSC after each box, boxes to reach 0.85 / 0.90)")
     p.add_argument("--next", choices=("worst", "gap"), default="worst",
                    help="--add-boxes: box the worst slice (by the truth, an oracle) or the middle of the largest "
                         "gap between boxed slices (what an annotator can do)")
