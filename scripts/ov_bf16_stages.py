@@ -56,16 +56,22 @@ class StagedEncoder:
 
 
 def mixes(count: int) -> list[tuple[str, ...]]:
-    """All fp32, all bf16, each stage alone in bf16, and each stage alone kept in fp32."""
+    """All fp32, all bf16, each stage alone in bf16, each stage alone kept in fp32, and the first
+    2 .. count - 2 stages kept in fp32."""
     one = [tuple("bf16" if j == i else "f32" for j in range(count)) for i in range(count)]
     kept = [tuple("f32" if j == i else "bf16" for j in range(count)) for i in range(count)]
-    return [("f32",) * count, ("bf16",) * count, *one, *kept]
+    prefixes = [tuple("f32" if j < i else "bf16" for j in range(count)) for i in range(2, count - 1)]
+    return [("f32",) * count, ("bf16",) * count, *one, *kept, *prefixes]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--json", default="out/bf16-stages.json")
+    p.add_argument("--fine", action="store_true",
+                   help="split the first stage into the patch embedding, its blocks and its patch merging")
+    p.add_argument("--only-prefixes", action="store_true",
+                   help="score only all fp32, all bf16 and the mixes that keep the first stages in fp32")
     args = p.parse_args()
     import openvino as ov
 
@@ -75,7 +81,7 @@ def main() -> None:
     names, compiled, inputs = [], [], []
     x = torch.zeros(1, 3, sam.geometry.size, sam.geometry.size)
     with torch.no_grad():
-        for name, module in tinyvit_stages(sam.net.image_encoder):
+        for name, module in tinyvit_stages(sam.net.image_encoder, fine=args.fine):
             graph = ov.convert_model(module.eval(), example_input=x, input=[tuple(x.shape)])
             compiled.append({pr: core.compile_model(graph, "CPU", {**config, "INFERENCE_PRECISION_HINT": pr})
                              for pr in PRECISIONS})
@@ -92,7 +98,10 @@ def main() -> None:
     probe = Fit(*volume0.slice_shape, sam.geometry).image_to_model(
         seg.slice_input(volume0, k0, seg.normaliser(volume0, "CT", "soft_tissue", (0, 0, 1, 1), k0)))
     rows, reference, reference_embedding = [], None, None
-    for mix in mixes(len(names)):
+    chosen = mixes(len(names))
+    if args.only_prefixes:
+        chosen = [m for m in chosen if list(m) == sorted(m, key=PRECISIONS.index)]
+    for mix in chosen:
         encoder = StagedEncoder(compiled, mix)
         sam._backends[sam.encoder] = (sam.encoder, encoder)  # the probe swaps the backend in place of the default
         dscs = {(n, k): _slice_dsc(Segmenter(sam, EmbeddingCache()), v, lab, k) for n, v, lab, k in slices}

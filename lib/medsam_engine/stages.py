@@ -22,13 +22,17 @@ class _Neck(nn.Module):
         return self.neck(x.view(x.shape[0], side, side, x.shape[2]).permute(0, 3, 1, 2))
 
 
-def tinyvit_stages(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+def tinyvit_stages(encoder: nn.Module, fine: bool = False) -> list[tuple[str, nn.Module]]:
     """The encoder's forward as named modules run one after the other: the patch embedding with the
-    first (convolutional) stage, each attention stage, the neck. ValueError for another encoder."""
+    first (convolutional) stage, each attention stage, the neck. `fine` splits the first into the
+    patch embedding, each of its MBConv blocks and its patch merging. ValueError for another encoder."""
     if not all(hasattr(encoder, part) for part in ("patch_embed", "layers", "neck")):
         raise ValueError(f"{type(encoder).__name__} is not a TinyViT encoder (LiteMedSAM's)")
-    return [("stem+stage0", nn.Sequential(encoder.patch_embed, encoder.layers[0])),
-            *[(f"stage{i}", encoder.layers[i]) for i in range(1, len(encoder.layers))],
+    first = encoder.layers[0]
+    head = ([("stem", encoder.patch_embed), *[(f"stage0.block{i}", b) for i, b in enumerate(first.blocks)],
+             ("stage0.merge", first.downsample)] if fine
+            else [("stem+stage0", nn.Sequential(encoder.patch_embed, first))])
+    return [*head, *[(f"stage{i}", encoder.layers[i]) for i in range(1, len(encoder.layers))],
             ("neck", _Neck(encoder.neck))]
 
 
