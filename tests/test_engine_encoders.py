@@ -367,3 +367,19 @@ def test_auto_leaves_out_a_candidate_that_cannot_be_built(tmp_path: Path, tiny_v
     assert "encoder ov-mixed left out of ov-auto (ValueError: " in lines[0] and "not a TinyViT" in lines[0]
     image = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     assert (encoder(image) - model.net.image_encoder(image)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_tinyvit_stages_run_in_turn_give_the_encoder_output(lite: SamModel, ct_slice, fine: bool) -> None:
+    """The stages (and the fine split of the first one the bf16 probe uses) compose to the encoder."""
+    from medsam_engine.stages import tinyvit_stages
+
+    _, image = _model_input(lite, ct_slice)
+    stages = tinyvit_stages(lite.net.image_encoder, fine=fine)
+    assert [name for name, _ in stages][:4 if fine else 1] == (
+        ["stem", "stage0.block0", "stage0.block1", "stage0.merge"] if fine else ["stem+stage0"])
+    with torch.inference_mode():
+        x = image
+        for _, module in stages:
+            x = module(x)
+        assert (x - lite.net.image_encoder(image)).abs().max() < 1e-5
