@@ -56,12 +56,16 @@ class StagedEncoder:
 
 
 def mixes(count: int) -> list[tuple[str, ...]]:
-    """All fp32, all bf16, each stage alone in bf16, each stage alone kept in fp32, and the first
-    2 .. count - 2 stages kept in fp32."""
+    """All fp32, all bf16, each stage alone in bf16, and each stage alone kept in fp32."""
     one = [tuple("bf16" if j == i else "f32" for j in range(count)) for i in range(count)]
     kept = [tuple("f32" if j == i else "bf16" for j in range(count)) for i in range(count)]
-    prefixes = [tuple("f32" if j < i else "bf16" for j in range(count)) for i in range(2, count - 1)]
-    return [("f32",) * count, ("bf16",) * count, *one, *kept, *prefixes]
+    return [("f32",) * count, ("bf16",) * count, *one, *kept]
+
+
+def prefix_mixes(count: int) -> list[tuple[str, ...]]:
+    """The first n stages kept in fp32 and the rest in bf16, for n = count (all fp32, the reference,
+    first) down to 0 (all bf16)."""
+    return [tuple("f32" if j < n else "bf16" for j in range(count)) for n in range(count, -1, -1)]
 
 
 def main() -> None:
@@ -71,7 +75,7 @@ def main() -> None:
     p.add_argument("--fine", action="store_true",
                    help="split the first stage into the patch embedding, its blocks and its patch merging")
     p.add_argument("--only-prefixes", action="store_true",
-                   help="score only all fp32, all bf16 and the mixes that keep the first stages in fp32")
+                   help="score the mixes that keep the first n stages in fp32 and the rest in bf16, instead")
     args = p.parse_args()
     import openvino as ov
 
@@ -98,10 +102,7 @@ def main() -> None:
     probe = Fit(*volume0.slice_shape, sam.geometry).image_to_model(
         seg.slice_input(volume0, k0, seg.normaliser(volume0, "CT", "soft_tissue", (0, 0, 1, 1), k0)))
     rows, reference, reference_embedding = [], None, None
-    chosen = mixes(len(names))
-    if args.only_prefixes:
-        chosen = [m for m in chosen if list(m) == sorted(m, key=PRECISIONS.index)]
-    for mix in chosen:
+    for mix in (prefix_mixes if args.only_prefixes else mixes)(len(names)):
         encoder = StagedEncoder(compiled, mix)
         sam._backends[sam.encoder] = (sam.encoder, encoder)  # the probe swaps the backend in place of the default
         dscs = {(n, k): _slice_dsc(Segmenter(sam, EmbeddingCache()), v, lab, k) for n, v, lab, k in slices}
